@@ -50,7 +50,11 @@ class _EvalWithCheckpointing:
                     f"{type(self.model).__name__} does not support gradient checkpointing; set "
                     f"gradient_checkpointing=False."
                 )
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers >= 5.x renamed gradient_checkpointing_* to activation_checkpointing_*.
+            if hasattr(self.model, "activation_checkpointing_enable"):
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.train()
             for module in self.model.modules():
                 if isinstance(module, nn.Dropout):
@@ -61,7 +65,8 @@ class _EvalWithCheckpointing:
 
     def __exit__(self, *exc):
         if self.enabled:
-            self.model.gradient_checkpointing_disable()
+            disable = getattr(self.model, "activation_checkpointing_disable", None) or self.model.gradient_checkpointing_disable
+            disable()
         self.model.train(self.was_training)
 
 

@@ -1,0 +1,101 @@
+"""Tiny random models of every supported family, a tiny word-level tokenizer, and shared helpers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+VOCAB = 96
+HIDDEN = 32
+LAYERS = 2
+
+
+def _tiny(family: str):
+    common = dict(vocab_size=VOCAB)
+    if family == "llama":
+        config = transformers.LlamaConfig(
+            hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+            num_key_value_heads=2, **common,
+        )
+        return transformers.LlamaForCausalLM(config)
+    if family == "mistral":
+        config = transformers.MistralConfig(
+            hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+            num_key_value_heads=2, **common,
+        )
+        return transformers.MistralForCausalLM(config)
+    if family == "qwen2":
+        config = transformers.Qwen2Config(
+            hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+            num_key_value_heads=2, **common,
+        )
+        return transformers.Qwen2ForCausalLM(config)
+    if family == "opt":
+        config = transformers.OPTConfig(
+            hidden_size=HIDDEN, ffn_dim=64, num_hidden_layers=LAYERS, num_attention_heads=4, word_embed_proj_dim=HIDDEN,
+            max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0, **common,
+        )
+        return transformers.OPTForCausalLM(config)
+    if family == "gpt2":
+        config = transformers.GPT2Config(
+            n_embd=HIDDEN, n_layer=LAYERS, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2, **common
+        )
+        return transformers.GPT2LMHeadModel(config)
+    if family == "gpt_neox":
+        config = transformers.GPTNeoXConfig(
+            hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+            max_position_embeddings=128, bos_token_id=1, eos_token_id=2, **common,
+        )
+        return transformers.GPTNeoXForCausalLM(config)
+    raise ValueError(family)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "opt", "gpt2", "gpt_neox"]
+
+
+def tiny_model(family: str = "llama", seed: int = 0):
+    torch.manual_seed(seed)
+    model = _tiny(family)
+    model.eval()
+    return model
+
+
+@pytest.fixture
+def llama():
+    return tiny_model("llama")
+
+
+@pytest.fixture
+def calibration_ids():
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, VOCAB, (4, 16), generator=generator)
+
+
+WORDS = (
+    "it is a truth universally acknowledged that a single man in possession of a good fortune must be in want "
+    "of a wife however little known the feelings or views of such a man may be on his first entering neighbourhood"
+).split()
+
+
+def sample_text(num_words: int = 400, seed: int = 0) -> str:
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(0, len(WORDS), (num_words,), generator=generator)
+    return " ".join(WORDS[i] for i in picks)
+
+
+@pytest.fixture
+def tokenizer():
+    vocab = {"[UNK]": 0, "[BOS]": 1, "[EOS]": 2}
+    for word in WORDS:
+        vocab.setdefault(word, len(vocab))
+    assert len(vocab) <= VOCAB
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]")
+
+
+def weights_of(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

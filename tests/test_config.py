@@ -1,0 +1,77 @@
+import json
+
+import pytest
+
+from optimum_gblm import GBLMConfig
+
+
+def test_defaults_follow_the_reference():
+    config = GBLMConfig()
+    assert (config.method, config.sparsity, config.pattern) == ("gblm", 0.5, "unstructured")
+    assert (config.gradient_norm, config.gradient_scale) == ("l1", 100.0)
+    assert (config.num_samples, config.seqlen, config.seed) == (128, 2048, 0)
+    assert config.target_modules is None and config.quant_method == "gblm"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"method": "wanda", "pattern": "2:4", "sparsity": 0.5},
+        {"method": "magnitude", "pattern": "unstructured", "sparsity": 0.3, "scope": "layer"},
+        {"method": "gblm", "gradient_norm": "l2", "gradient_scale": 10.0, "target_modules": ["q_proj", "down_proj"]},
+        {"method": "wanda", "use_variant": True, "sparsity": 0.6, "dataset": "c4", "tokenizer": "some/tok"},
+        {"pattern": "1:4", "sparsity": 0.25, "num_samples": 3, "seqlen": 7, "seed": 11, "gradient_checkpointing": True},
+    ],
+)
+def test_round_trip_is_exact(kwargs):
+    config = GBLMConfig(**kwargs)
+    as_dict = config.to_dict()
+    assert GBLMConfig.from_dict(as_dict).to_dict() == as_dict
+    text = config.to_json_string()
+    assert json.loads(text) == as_dict
+    assert GBLMConfig.from_json_string(text) == config
+
+
+def test_json_file_round_trip(tmp_path):
+    config = GBLMConfig(method="wanda", pattern="4:8", sparsity=0.5)
+    config.to_json_file(tmp_path / "c.json")
+    assert GBLMConfig.from_json_file(tmp_path / "c.json") == config
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"sparsity": 1.0}, "sparsity must lie in [0, 1)"),
+        ({"sparsity": -0.1}, "sparsity must lie in [0, 1)"),
+        ({"sparsity": "half"}, "sparsity must be a number"),
+        ({"pattern": "4:4"}, "0 < N < M"),
+        ({"pattern": "5:4"}, "0 < N < M"),
+        ({"pattern": "2:4", "sparsity": 0.6}, "set sparsity=0.5"),
+        ({"pattern": "1:4"}, "set sparsity=0.25"),
+        ({"pattern": "two:four"}, "use 'unstructured' or an N:M pattern"),
+        ({"method": "random"}, "method 'random' is unknown"),
+        ({"gradient_norm": "linf"}, "gradient_norm must be one of"),
+        ({"gradient_scale": 0}, "gradient_scale must be a finite number > 0"),
+        ({"gradient_scale": float("inf")}, "gradient_scale must be a finite number > 0"),
+        ({"num_samples": 0}, "num_samples must be an integer >= 1"),
+        ({"num_samples": True}, "num_samples must be an integer >= 1"),
+        ({"seqlen": 1}, "seqlen must be an integer >= 2"),
+        ({"target_modules": [3]}, "target_modules must be a list of module names"),
+        ({"use_variant": True, "pattern": "2:4"}, "only applies to pattern='unstructured'"),
+        ({"scope": "block"}, "scope must be one of"),
+    ],
+)
+def test_bad_values_name_the_fix(kwargs, message):
+    with pytest.raises(ValueError) as error:
+        GBLMConfig(**kwargs)
+    assert message in str(error.value)
+
+
+def test_from_dict_rejects_unknown_keys_and_foreign_methods():
+    with pytest.raises(ValueError, match="unknown keys \\['sparsty'\\]"):
+        GBLMConfig.from_dict({"sparsty": 0.5})
+    with pytest.raises(ValueError, match="quant_method='gblm'"):
+        GBLMConfig.from_dict({"quant_method": "gptq"})
+    with pytest.raises(ValueError, match="not valid JSON"):
+        GBLMConfig.from_json_string("{sparsity: 0.5")

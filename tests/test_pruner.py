@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+from conftest import tiny_model, weights_of
+from optimum_gblm import GBLMConfig, GBLMPruner, prune
+from optimum_gblm.engine import prunable_modules
+from optimum_gblm.gradients import compute_gradient_norms
+
+
+def unchanged(model, before):
+    return all(torch.equal(before[k], v) for k, v in weights_of(model).items())
+
+
+def test_too_short_calibration_leaves_the_model_untouched(tokenizer):
+    model = tiny_model("llama")
+    before = weights_of(model)
+    with pytest.raises(ValueError, match="found 3 tokens, need at least 17"):
+        GBLMPruner(GBLMConfig(num_samples=2, seqlen=16)).prune(model, ["a single man"], tokenizer=tokenizer)
+    assert unchanged(model, before) and not hasattr(model.config, "pruning_config")
+
+
+def test_missing_calibration_is_explained():
+    with pytest.raises(ValueError, match="needs calibration data"):
+        GBLMPruner(GBLMConfig(method="wanda")).prune(tiny_model("llama"))
+
+
+def test_precomputed_gradient_norms_are_used(calibration_ids):
+    a, b = tiny_model("llama"), tiny_model("llama")
+    norms = compute_gradient_norms(a, calibration_ids, prunable_modules(a), show_progress=False)
+    GBLMPruner(GBLMConfig(), use_cache=False, show_progress=False).prune(a, calibration_ids)
+    GBLMPruner(GBLMConfig(), show_progress=False).prune(b, calibration_ids, gradient_norms=norms)
+    assert unchanged(a, weights_of(b))
+
+
+def test_gblm_differs_from_wanda_and_reduces_to_it_without_gradients(calibration_ids):
+    wanda, gblm, zero_grad = tiny_model("llama"), tiny_model("llama"), tiny_model("llama")
+    prune(wanda, calibration_ids, method="wanda", show_progress=False)
+    prune(gblm, calibration_ids, method="gblm", use_cache=False, show_progress=False)
+    zeros = {n: torch.zeros_like(m.weight) for n, m in prunable_modules(zero_grad).items()}
+    GBLMPruner(GBLMConfig(), show_progress=False).prune(zero_grad, calibration_ids, gradient_norms=zeros)
+    assert unchanged(zero_grad, weights_of(wanda))
+    assert not unchanged(gblm, weights_of(wanda))
+
+
+def test_config_and_kwargs_are_exclusive():
+    with pytest.raises(ValueError, match="either a GBLMConfig or its fields"):
+        GBLMPruner(GBLMConfig(), sparsity=0.5)
+    assert GBLMPruner(method="wanda", pattern="2:4").config.pattern == "2:4"
