@@ -6,6 +6,7 @@ from .config import GBLMConfig  # noqa: E402
 from .data import get_calibration_data, get_evaluation_tokens  # noqa: E402
 from .evaluation import PerplexityResult, perplexity  # noqa: E402
 from .modeling import load_model  # noqa: E402
+from .integration import GBLMHfQuantizer, SparsityCallback, apply_masks  # noqa: E402
 from .pruner import GBLMPruner, prune, sparsity_report  # noqa: E402
 
 __all__ = [
@@ -18,5 +19,8 @@ __all__ = [
     "perplexity",
     "PerplexityResult",
     "sparsity_report",
+    "apply_masks",
+    "SparsityCallback",
+    "GBLMHfQuantizer",
     "__version__",
 ]

@@ -145,7 +145,7 @@ def run_prune(args: argparse.Namespace) -> int:
     record = pruner.last_record
     print(
         f"pruned {args.model or 'SmolLM2-135M-Instruct'} with {config.method} ({config.pattern}, sparsity "
-        f"{config.sparsity:g}): measured global sparsity {record['global_sparsity']:.4f}; gradients "
+        f"{config.sparsity:g}): measured global sparsity {record['config'].global_sparsity:.4f}; gradients "
         f"{record['timings_seconds']['gradients']:.1f}s, prune {record['timings_seconds']['prune']:.1f}s; saved to {output}"
     )
     return 0

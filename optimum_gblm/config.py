@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -9,9 +10,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, register_quantization_config
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 GRADIENT_NORMS = ("l1", "l2")
+RESULT_FIELDS = ("calibration", "global_sparsity", "layer_sparsity", "masks_checksum")
 SCOPES = ("row", "layer")
 
 
@@ -64,6 +67,11 @@ class GBLMConfig(QuantizationConfigMixin):
             `prune()` gets no calibration data.
         tokenizer: tokenizer name or path, used to tokenize text calibration data.
         gradient_checkpointing: recompute activations in the gradient stage to save memory.
+
+    Filled in by the pruner and saved with the checkpoint (`config.json`, `quantization_config`):
+        calibration: source, num_samples, seqlen and seed of the calibration data actually used.
+        global_sparsity / layer_sparsity: the measured share of zeros, overall and per pruned layer.
+        masks_file / masks_checksum: the bit-packed masks beside the weights and the sha256 of their bits.
     """
 
     method: str = "gblm"
@@ -80,6 +88,11 @@ class GBLMConfig(QuantizationConfigMixin):
     dataset: str | None = None
     tokenizer: str | None = None
     gradient_checkpointing: bool = False
+    calibration: dict[str, Any] | None = None
+    global_sparsity: float | None = None
+    layer_sparsity: dict[str, float] | None = None
+    masks_file: str = "gblm_masks.safetensors"
+    masks_checksum: str | None = None
     quant_method: str = field(default="gblm", init=False)
 
     def __post_init__(self) -> None:
@@ -138,12 +151,19 @@ class GBLMConfig(QuantizationConfigMixin):
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}.")
         if self.use_variant and self.scope != "row":
             raise ValueError("use_variant picks per-row thresholds; it cannot be combined with scope='layer'.")
-        for name in ("dataset", "tokenizer"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, (str, os.PathLike)):
-                raise ValueError(f"{name} must be a name or a path (a string), got {type(value).__name__}.")
-            if isinstance(value, os.PathLike):
-                setattr(self, name, os.fspath(value))
+        if self.dataset is not None and not isinstance(self.dataset, (str, os.PathLike)):
+            raise ValueError(
+                f"dataset must be a name ('c4', 'wikitext2') or a path, got {type(self.dataset).__name__}; pass "
+                f"other calibration data to prune(model, calibration) instead."
+            )
+        if isinstance(self.dataset, os.PathLike):
+            self.dataset = os.fspath(self.dataset)
+        if isinstance(self.tokenizer, os.PathLike):
+            self.tokenizer = os.fspath(self.tokenizer)
+        if self.tokenizer is not None and not isinstance(self.tokenizer, str) and not callable(self.tokenizer):
+            raise ValueError(f"tokenizer must be a tokenizer or its name/path, got {type(self.tokenizer).__name__}.")
+        if not isinstance(self.masks_file, str) or not self.masks_file.endswith(".safetensors") or "/" in self.masks_file:
+            raise ValueError(f"masks_file must be a file name ending in .safetensors, got {self.masks_file!r}.")
         if not isinstance(self.gradient_checkpointing, bool):
             raise ValueError(f"gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}.")
 
@@ -154,7 +174,15 @@ class GBLMConfig(QuantizationConfigMixin):
 
     # -- (de)serialisation ------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _copy(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        values = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "tokenizer"}
+        # A tokenizer object is recorded by its name: config.json must stay plain JSON.
+        tokenizer = self.tokenizer
+        values["tokenizer"] = tokenizer if tokenizer is None or isinstance(tokenizer, str) else getattr(tokenizer, "name_or_path", None)
+        return values
+
+    def recipe(self) -> dict[str, Any]:
+        """The settings that define the pruning, without the measured results."""
+        return {k: v for k, v in self.to_dict().items() if k not in RESULT_FIELDS}
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
@@ -194,5 +222,9 @@ class GBLMConfig(QuantizationConfigMixin):
             return cls.from_json_string(handle.read())
 
 
-def _copy(value: Any) -> Any:
-    return list(value) if isinstance(value, list) else value
+
+
+# transformers reads `quant_method: "gblm"` in config.json back into a GBLMConfig once optimum_gblm is imported.
+if AUTO_QUANTIZATION_CONFIG_MAPPING.get("gblm") is not GBLMConfig:
+    AUTO_QUANTIZATION_CONFIG_MAPPING.pop("gblm", None)
+    register_quantization_config("gblm")(GBLMConfig)

@@ -116,3 +116,26 @@ def check_nm(mask: torch.Tensor, n: int, m: int) -> bool:
     if d_in % m:
         return False
     return bool(((~mask).reshape(d_out, d_in // m, m).sum(-1) == n).all())
+
+
+_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask as a flat uint8 tensor, 8 entries per byte (most significant bit first, zero-padded)."""
+    flat = mask.reshape(-1).to(torch.uint8).cpu()
+    padding = (-flat.numel()) % 8
+    if padding:
+        flat = torch.cat([flat, flat.new_zeros(padding)])
+    return (flat.reshape(-1, 8) * _BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """Inverse of `pack_mask`."""
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (numel + 7) // 8:
+        raise ValueError(f"packed mask of {packed.numel()} bytes ({packed.dtype}) does not fit shape {tuple(shape)}.")
+    bits = (packed.unsqueeze(1) & _BIT_WEIGHTS.to(packed.device)) != 0
+    return bits.reshape(-1)[:numel].reshape(tuple(shape))

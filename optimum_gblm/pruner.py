@@ -11,18 +11,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
 from .config import GBLMConfig
 from .data import CalibrationSource, get_calibration_data, source_description
 from .engine import as_matrix, find_decoder_blocks, prunable_modules, run_layerwise, weight_matrix
 from .gradients import cached_gradient_norms, check_gradient_norms, load_gradient_norms
-from .masks import select_mask
+from .integration import attach_masks
+from .masks import pack_mask, select_mask
 from .modeling import strip_gguf_quantization
 from .scores import ScoreSpec, get_score
 
 logger = logging.getLogger(__name__)
-
-CONFIG_KEY = "pruning_config"
 
 
 class ScorePruner:
@@ -31,6 +29,8 @@ class ScorePruner:
     def __init__(self, config: GBLMConfig, score: ScoreSpec, gradient_norms: dict[str, torch.Tensor] | None):
         self.config, self.score, self.gradient_norms = config, score, gradient_norms
         self.collects_inputs = score.needs_activations
+        self.packed_masks: dict[str, torch.Tensor] = {}
+        self.mask_shapes: dict[str, tuple[int, ...]] = {}
 
     def new_stats(self, name: str, module: nn.Module):
         from .engine import InputStats
@@ -46,12 +46,18 @@ class ScorePruner:
         scores = self.score.fn(weight, stats.sq_mean if stats is not None else None, gradient)
         mask = select_mask(scores, self.config)
         weight.masked_fill_(~mask, 0)
+        # Stored bit-packed in the weight's own layout: 1/8 byte per weight, whatever the model size.
+        self.packed_masks[name] = pack_mask(as_matrix(module, mask))
+        self.mask_shapes[name] = tuple(module.weight.shape)
 
 
 class GBLMPruner:
     """Prunes a causal LM in place with the method, sparsity and pattern of a `GBLMConfig`.
 
     >>> model = GBLMPruner(GBLMConfig(sparsity=0.5, pattern="2:4")).prune(model, calibration, tokenizer=tokenizer)
+
+    The result is recorded as `model.config.quantization_config` (a `GBLMConfig` holding the recipe, calibration and
+    measured sparsity) and the masks travel with `save_pretrained`.
     """
 
     def __init__(
@@ -148,28 +154,26 @@ class GBLMPruner:
         prune_seconds = time.perf_counter() - tick
 
         report = sparsity_report(modules)
-        record = {
-            "library": "optimum-gblm",
-            "version": __version__,
-            "recipe": config.to_dict(),
-            "calibration": None
-            if input_ids is None
-            else {
+        calibration_record = None
+        if input_ids is not None:
+            calibration_record = {
                 "source": source_description(calibration),
                 "num_samples": int(input_ids.shape[0]),
                 "seqlen": int(input_ids.shape[1]),
                 "seed": config.seed,
-            },
-            "global_sparsity": report["global_sparsity"],
-            "layer_sparsity": report["layer_sparsity"],
+            }
+        result = GBLMConfig.from_dict(
+            {**config.recipe(), "calibration": calibration_record, **report, "masks_checksum": None}
+        )
+        attach_masks(model, result, layer_pruner.packed_masks, layer_pruner.mask_shapes)
+        record = {
+            "config": result,
             "timings_seconds": {
                 "gradients": round(gradient_seconds, 3),
                 "prune": round(prune_seconds, 3),
                 "total": round(time.perf_counter() - start, 3),
             },
         }
-        if getattr(model, "config", None) is not None:
-            setattr(model.config, CONFIG_KEY, record)
         self.last_record = record
         logger.info(
             "pruned %d layers with %s (%s): global sparsity %.4f; gradients %.1fs, prune %.1fs",

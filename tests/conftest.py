@@ -99,3 +99,9 @@ def tokenizer():
 
 def weights_of(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(autouse=True)
+def _private_gradient_cache(tmp_path_factory, monkeypatch):
+    """Tests never write into the user's real gradient cache."""
+    monkeypatch.setenv("OPTIMUM_GBLM_CACHE", str(tmp_path_factory.mktemp("gradient-cache")))

@@ -40,8 +40,9 @@ def test_prune_saves_a_loadable_pruned_checkpoint(model_dir, text_file, tmp_path
     assert main(prune_args(model_dir, text_file, output, "--method", "gblm", "--pattern", "2:4")) == 0
     assert "measured global sparsity 0.5000" in capsys.readouterr().out
     config = json.loads((output / "config.json").read_text())
-    assert config["pruning_config"]["recipe"]["pattern"] == "2:4"
-    assert config["pruning_config"]["calibration"] == {"source": str(text_file), "num_samples": 4, "seqlen": 16, "seed": 0}
+    assert config["quantization_config"]["quant_method"] == "gblm"
+    assert config["quantization_config"]["pattern"] == "2:4"
+    assert config["quantization_config"]["calibration"] == {"source": str(text_file), "num_samples": 4, "seqlen": 16, "seed": 0}
     model = AutoModelForCausalLM.from_pretrained(output)
     for module in prunable_modules(model).values():
         assert check_nm(module.weight != 0, 2, 4)

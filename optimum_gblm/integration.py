@@ -1,0 +1,267 @@
+"""transformers integration: quant_method "gblm".
+
+A pruned model carries a `GBLMHfQuantizer` holding its bit-packed masks. `save_pretrained` writes the recipe and the
+measured sparsity into `config.json` (`quantization_config`) and the masks, 1 bit per prunable weight, into
+`gblm_masks.safetensors` beside the weights; the weights keep their exact zeros, so a stack that ignores our key
+still loads a correct model. After `import optimum_gblm`, `from_pretrained` reads the masks back and verifies them
+against the weights, or, given `quantization_config=GBLMConfig(dataset=...)` on a dense checkpoint, prunes while
+loading. Masked gradients are zeroed as they are produced and `SparsityCallback` re-applies the masks after every
+optimizer step, so fine-tuning keeps the sparsity exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import TrainerCallback
+from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, register_quantizer
+from transformers.quantizers.base import HfQuantizer
+
+from .config import GBLMConfig
+from .masks import unpack_mask
+
+logger = logging.getLogger(__name__)
+
+MASKS_FORMAT = "optimum-gblm-masks/1"
+
+
+def masks_checksum(packed_masks: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> str:
+    """sha256 over every layer's name, shape and mask bits, in name order (independent of the file's layout)."""
+    digest = hashlib.sha256()
+    for name in sorted(packed_masks):
+        digest.update(f"{name}|{tuple(shapes[name])}|".encode())
+        digest.update(packed_masks[name].contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class GBLMHfQuantizer(HfQuantizer):
+    """transformers' view of a GBLM-pruned model: dense weights with exact zeros plus bit-packed masks."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config: GBLMConfig, **kwargs: Any):
+        super().__init__(quantization_config, **kwargs)
+        self.packed_masks: dict[str, torch.Tensor] = {}
+        self.mask_shapes: dict[str, tuple[int, ...]] = {}
+        self.checkpoint_dir: str | None = None
+
+    # -- loading ----------------------------------------------------------------------------------------------
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        if not self.pre_quantized and self.quantization_config.dataset is None:
+            raise ValueError(
+                "pruning while loading needs calibration data: GBLMConfig(dataset='c4' | 'wikitext2' | a local path, "
+                "tokenizer=...)."
+            )
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs: Any) -> bool:
+        return False  # weights load as they are; masks are read after loading
+
+    def _process_model_before_weight_loading(self, model, **kwargs: Any):
+        files = kwargs.get("checkpoint_files") or []
+        if files:
+            self.checkpoint_dir = os.path.dirname(files[0])
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs: Any):
+        if self.pre_quantized:
+            path = self._masks_path(model)
+            packed, shapes = read_masks(path)
+            attach_masks(model, self.quantization_config, packed, shapes, verify=True, quantizer=self)
+            logger.info("loaded %d GBLM masks from %s and verified them against the weights", len(packed), path)
+        else:
+            from .pruner import GBLMPruner
+
+            config = self.quantization_config
+            tokenizer = config.tokenizer if config.tokenizer is not None else model.name_or_path
+            GBLMPruner(config).prune(model, config.dataset, tokenizer=tokenizer)
+        return model
+
+    def _masks_path(self, model) -> str:
+        name = self.quantization_config.masks_file
+        if self.checkpoint_dir and os.path.isfile(os.path.join(self.checkpoint_dir, name)):
+            return os.path.join(self.checkpoint_dir, name)
+        source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", "")
+        if os.path.isdir(source):
+            path = os.path.join(source, name)
+        else:
+            from transformers.utils import cached_file
+
+            path = cached_file(source, name, _raise_exceptions_for_missing_entries=False) if source else None
+        if not path or not os.path.isfile(path):
+            raise ValueError(
+                f"the checkpoint {source or self.checkpoint_dir!r} was pruned with optimum-gblm but its mask file "
+                f"{name!r} is missing. Restore the file, or delete `quantization_config` from config.json to load "
+                f"the weights as a plain dense model."
+            )
+        return path
+
+    # -- saving and training ----------------------------------------------------------------------------------
+    def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        # Full fine-tuning is what sparse models get; masks keep the zeros (see SparsityCallback).
+        return True
+
+    def _dequantize(self, model, dtype=None):
+        return model  # the weights already are dense
+
+    # -- masks ------------------------------------------------------------------------------------------------
+    def mask(self, name: str, device: torch.device | None = None) -> torch.Tensor:
+        mask = unpack_mask(self.packed_masks[name], self.mask_shapes[name])
+        return mask if device is None else mask.to(device)
+
+
+if AUTO_QUANTIZER_MAPPING.get("gblm") is not GBLMHfQuantizer:
+    AUTO_QUANTIZER_MAPPING.pop("gblm", None)
+    register_quantizer("gblm")(GBLMHfQuantizer)
+
+
+def read_masks(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, ...]]]:
+    """Packed masks and their shapes from a mask file (safetensors only: nothing is unpickled)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        packed = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"mask file {str(path)!r} is unreadable ({error}); restore it from the original checkpoint.") from None
+    if metadata.get("format") != MASKS_FORMAT:
+        raise ValueError(f"mask file {str(path)!r} is not an optimum-gblm mask file (format {metadata.get('format')!r}).")
+    shapes = {}
+    for name in packed:
+        raw = metadata.get(f"shape:{name}")
+        if raw is None:
+            raise ValueError(f"mask file {str(path)!r} has no shape for {name}; the file is damaged.")
+        shapes[name] = tuple(int(s) for s in raw.split(","))
+    return packed, shapes
+
+
+def write_masks(model: nn.Module, save_directory: str | os.PathLike) -> Path:
+    """Write the model's masks into `save_directory` atomically, after checking the weights still obey them."""
+    quantizer = pruning_quantizer(model)
+    check_weights_match_masks(model, quantizer)
+    config = quantizer.quantization_config
+    metadata = {"format": MASKS_FORMAT, "checksum": config.masks_checksum or ""}
+    metadata.update({f"shape:{name}": ",".join(map(str, shape)) for name, shape in quantizer.mask_shapes.items()})
+    target = Path(save_directory) / config.masks_file
+    handle, tmp = tempfile.mkstemp(dir=save_directory, prefix=f".{config.masks_file}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(dict(quantizer.packed_masks), tmp, metadata=metadata)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return target
+
+
+def pruning_quantizer(model: nn.Module) -> GBLMHfQuantizer:
+    quantizer = getattr(model, "hf_quantizer", None)
+    if not isinstance(quantizer, GBLMHfQuantizer):
+        raise ValueError("this model was not pruned by optimum-gblm (it carries no GBLM masks); prune it first.")
+    return quantizer
+
+
+def _save_pretrained_with_masks(self: nn.Module, save_directory: str | os.PathLike, *args: Any, **kwargs: Any):
+    result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    if not os.path.isfile(save_directory):  # transformers logs and returns when given a file
+        write_masks(self, save_directory)
+    return result
+
+
+def check_weights_match_masks(model: nn.Module, quantizer: GBLMHfQuantizer) -> None:
+    for name in quantizer.packed_masks:
+        try:
+            weight = model.get_submodule(name).weight
+        except AttributeError:
+            raise ValueError(f"the masks name layer {name}, which this model does not have; they belong to another model.") from None
+        if tuple(weight.shape) != quantizer.mask_shapes[name]:
+            raise ValueError(
+                f"mask for {name} has shape {quantizer.mask_shapes[name]} but the weight has {tuple(weight.shape)}; "
+                f"the masks belong to another model."
+            )
+        mask = quantizer.mask(name, weight.device)
+        stray = int(torch.count_nonzero(weight.detach()[~mask]))
+        if stray:
+            raise ValueError(
+                f"{name} has {stray} non-zero weights where its mask says pruned: the weights were changed after "
+                f"pruning, or weights and masks come from different checkpoints. Call optimum_gblm.apply_masks(model) "
+                f"to re-impose the masks, or re-prune."
+            )
+
+
+def attach_masks(
+    model: nn.Module,
+    config: GBLMConfig,
+    packed_masks: dict[str, torch.Tensor],
+    shapes: dict[str, tuple[int, ...]],
+    verify: bool = False,
+    quantizer: GBLMHfQuantizer | None = None,
+) -> GBLMHfQuantizer:
+    """Make `model` a GBLM-pruned model: quantizer, config entry, mask-saving `save_pretrained`, gradient masking."""
+    checksum = masks_checksum(packed_masks, shapes)
+    if verify and config.masks_checksum and checksum != config.masks_checksum:
+        raise ValueError(
+            "the mask file does not match the checksum recorded in config.json: the masks were altered or come from "
+            "another checkpoint. Restore both files from the same checkpoint."
+        )
+    config.masks_checksum = checksum
+    if quantizer is None:
+        quantizer = GBLMHfQuantizer(config, pre_quantized=True)
+    quantizer.packed_masks, quantizer.mask_shapes = dict(packed_masks), dict(shapes)
+    if verify:
+        check_weights_match_masks(model, quantizer)
+    for handle in getattr(model, "_gblm_gradient_hooks", []):
+        handle.remove()
+    model._gblm_gradient_hooks = [
+        model.get_submodule(name).weight.register_post_accumulate_grad_hook(_zero_masked_gradient(quantizer, name))
+        for name in packed_masks
+    ]
+    model.hf_quantizer = quantizer
+    model.config.quantization_config = config
+    # No transformers hook sees the save folder, so the instance's save_pretrained writes the masks after the rest.
+    model.save_pretrained = types.MethodType(_save_pretrained_with_masks, model)
+    return quantizer
+
+
+def _zero_masked_gradient(quantizer: GBLMHfQuantizer, name: str):
+    def hook(param: torch.Tensor) -> None:
+        if param.grad is not None:
+            param.grad.masked_fill_(~quantizer.mask(name, param.grad.device), 0)
+
+    return hook
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module) -> None:
+    """Zero every weight its mask marks as pruned (after an optimizer step, or to repair a modified model)."""
+    quantizer = pruning_quantizer(model)
+    for name in quantizer.packed_masks:
+        weight = model.get_submodule(name).weight
+        weight.masked_fill_(~quantizer.mask(name, weight.device), 0)
+
+
+class SparsityCallback(TrainerCallback):
+    """Re-applies the pruning masks after every optimizer step, whatever the optimizer does with zero gradients."""
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if model is not None and isinstance(getattr(model, "hf_quantizer", None), GBLMHfQuantizer):
+            apply_masks(model)

@@ -1,0 +1,196 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+from conftest import sample_text, tiny_model, weights_of
+from optimum_gblm import GBLMConfig, GBLMPruner, SparsityCallback, apply_masks
+from optimum_gblm.engine import prunable_modules
+from optimum_gblm.integration import GBLMHfQuantizer, masks_checksum, read_masks
+
+
+def pruned(family="llama", pattern="2:4", sparsity=0.5, method="gblm", ids=None):
+    model = tiny_model(family)
+    ids = ids if ids is not None else torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    GBLMPruner(GBLMConfig(method=method, pattern=pattern, sparsity=sparsity), show_progress=False).prune(model, ids)
+    return model
+
+
+def zero_masks(model):
+    return {n: m.weight == 0 for n, m in prunable_modules(model).items()}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("pattern, sparsity", [("unstructured", 0.5), ("unstructured", 0.3), ("2:4", 0.5), ("4:8", 0.5)])
+def test_save_then_load_gives_the_same_model_masks_and_config(family, pattern, sparsity, tmp_path):
+    model = pruned(family, pattern, sparsity)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    before, after = weights_of(model), weights_of(loaded)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert isinstance(loaded.hf_quantizer, GBLMHfQuantizer)
+    assert loaded.config.quantization_config == model.config.quantization_config
+    assert loaded.config.quantization_config.pattern == pattern
+    original, restored = model.hf_quantizer, loaded.hf_quantizer
+    assert original.packed_masks.keys() == restored.packed_masks.keys()
+    for name in original.packed_masks:
+        assert torch.equal(original.mask(name), restored.mask(name))
+        # the masks say exactly where the zeros are
+        assert torch.equal(~restored.mask(name), loaded.get_submodule(name).weight == 0)
+
+
+def test_config_json_is_plain_readable_json(tmp_path):
+    pruned().save_pretrained(tmp_path)
+    entry = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert entry["quant_method"] == "gblm" and entry["method"] == "gblm" and entry["pattern"] == "2:4"
+    assert entry["global_sparsity"] == 0.5 and len(entry["layer_sparsity"]) == 14
+    assert entry["masks_file"] == "gblm_masks.safetensors" and len(entry["masks_checksum"]) == 64
+    assert entry["calibration"]["num_samples"] == 4
+    assert GBLMConfig.from_dict(entry).to_dict() == entry
+
+
+def test_mask_file_takes_one_bit_per_prunable_weight(tmp_path):
+    model = pruned()
+    model.save_pretrained(tmp_path)
+    packed, shapes = read_masks(tmp_path / "gblm_masks.safetensors")
+    weights = sum(m.weight.numel() for m in prunable_modules(model).values())
+    assert sum(p.numel() for p in packed.values()) == sum((n.numel() + 7) // 8 for n in zero_masks(model).values())
+    assert all(p.dtype == torch.uint8 for p in packed.values())
+    size = (tmp_path / "gblm_masks.safetensors").stat().st_size
+    assert weights / 8 <= size <= weights / 8 + 8192  # the rest is the safetensors header
+
+
+def test_trainer_keeps_masked_weights_at_zero_and_trains_the_rest(tmp_path):
+    model = pruned(pattern="2:4")
+    masks = zero_masks(model)
+    before = weights_of(model)
+
+    class Windows(Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            ids = torch.randint(0, 96, (16,), generator=torch.Generator().manual_seed(i))
+            return {"input_ids": ids, "labels": ids}
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=4, learning_rate=1e-2, per_device_train_batch_size=2,
+        weight_decay=0.1, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True,
+    )
+    Trainer(model=model, args=args, train_dataset=Windows(), callbacks=[SparsityCallback()]).train()
+    for name, module in prunable_modules(model).items():
+        assert torch.equal(module.weight[masks[name]], torch.zeros_like(module.weight[masks[name]])), name
+        kept = ~masks[name]
+        assert not torch.equal(module.weight[kept], before[f"{name}.weight"][kept]), f"{name} did not train"
+    assert model.config.quantization_config.global_sparsity == 0.5
+    model.save_pretrained(tmp_path / "tuned")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned")
+    assert all(torch.equal(v, weights_of(model)[k]) for k, v in weights_of(reloaded).items())
+
+
+def test_gradient_masking_alone_keeps_zeros_in_a_plain_training_loop():
+    model = pruned(pattern="unstructured")
+    masks = zero_masks(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    ids = torch.randint(0, 96, (2, 16))
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(torch.equal(zero_masks(model)[n], m) for n, m in masks.items())
+
+
+def test_loading_without_optimum_gblm_gives_zero_filled_weights_and_a_warning(tmp_path):
+    model = pruned()
+    model.save_pretrained(tmp_path)
+    torch.save({n: m.cpu() for n, m in zero_masks(model).items()}, tmp_path.parent / "expected.pt")
+    script = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})
+assert "optimum_gblm" not in sys.modules
+expected = torch.load({str(tmp_path.parent / 'expected.pt')!r})
+for name, zeros in expected.items():
+    assert torch.equal(model.get_submodule(name).weight == 0, zeros), name
+print("ZEROS-OK")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path.parent)
+    assert done.returncode == 0, done.stderr
+    assert "ZEROS-OK" in done.stdout
+    assert "Unknown quantization type, got gblm" in done.stderr + done.stdout
+
+
+def test_missing_or_corrupt_mask_file_is_a_clear_error(tmp_path):
+    pruned().save_pretrained(tmp_path)
+    masks = tmp_path / "gblm_masks.safetensors"
+    good = masks.read_bytes()
+    masks.unlink()
+    with pytest.raises(ValueError, match="mask file 'gblm_masks.safetensors' is missing.*delete `quantization_config`"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    masks.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match="unreadable"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_tampering_is_detected(tmp_path):
+    model = pruned()
+    model.save_pretrained(tmp_path / "a")
+    # weights no longer zero where masked
+    with torch.no_grad():
+        name = next(iter(model.hf_quantizer.packed_masks))
+        weight = model.get_submodule(name).weight
+        weight[~model.hf_quantizer.mask(name)] = 1.0
+    with pytest.raises(ValueError, match=f"{name} has .* non-zero weights where its mask says pruned.*apply_masks"):
+        model.save_pretrained(tmp_path / "b")
+    apply_masks(model)
+    model.save_pretrained(tmp_path / "b")
+    # a checksum that does not match the masks
+    config_path = tmp_path / "a" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"]["masks_checksum"] = "0" * 64
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="does not match the checksum"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+
+
+def test_masks_checksum_depends_on_every_bit():
+    model = pruned()
+    q = model.hf_quantizer
+    reference = masks_checksum(q.packed_masks, q.mask_shapes)
+    name = next(iter(q.packed_masks))
+    flipped = dict(q.packed_masks)
+    flipped[name] = flipped[name].clone()
+    flipped[name][0] ^= 1
+    assert masks_checksum(flipped, q.mask_shapes) != reference
+
+
+def test_pruning_at_load_gives_the_same_masks_as_the_pruner(tmp_path, tokenizer):
+    base = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    text = tmp_path / "calibration.txt"
+    text.write_text(sample_text(800))
+    settings = dict(method="gblm", pattern="2:4", sparsity=0.5, num_samples=4, seqlen=16)
+    at_load = AutoModelForCausalLM.from_pretrained(
+        base, quantization_config=GBLMConfig(**settings, dataset=str(text), tokenizer=str(base))
+    )
+    dense = AutoModelForCausalLM.from_pretrained(base)
+    GBLMPruner(GBLMConfig(**settings), show_progress=False).prune(dense, str(text), tokenizer=tokenizer)
+    assert isinstance(at_load.hf_quantizer, GBLMHfQuantizer)
+    expected = zero_masks(dense)
+    assert all(torch.equal(expected[n], m) for n, m in zero_masks(at_load).items())
+    assert at_load.config.quantization_config.global_sparsity == 0.5
+    at_load.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "gblm_masks.safetensors").is_file()
+
+
+def test_pruning_at_load_without_data_is_refused(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="pruning while loading needs calibration data"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=GBLMConfig())
