@@ -5,10 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -35,7 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    prune = commands.add_parser("prune", help="prune a model and save it as a checkpoint")
+    add_prune_arguments(commands.add_parser("prune", help="prune a model and save it as a checkpoint"))
+    add_eval_arguments(commands.add_parser("eval", help="perplexity of a model on a text"))
+    return parser
+
+
+def add_prune_arguments(prune: argparse.ArgumentParser) -> None:
+    """The `prune` options, shared by `optimum-gblm prune` and `optimum-cli gblm prune`."""
     _add_model_arguments(prune)
     prune.add_argument("--method", default="gblm", choices=sorted(METHODS))
     prune.add_argument("--sparsity", type=float, default=0.5, help="share of weights removed (N:M: must be N/M)")
@@ -59,42 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--output", required=True, help="folder for the pruned checkpoint")
     prune.add_argument("--overwrite", action="store_true", help="replace an output folder that already has files")
 
-    evaluate = commands.add_parser("eval", help="perplexity of a model on a text")
+
+def add_eval_arguments(evaluate: argparse.ArgumentParser) -> None:
     _add_model_arguments(evaluate, required=True)
     evaluate.add_argument("--data", required=True, help="text file, folder, or 'wikitext2' / 'c4' (test split)")
     evaluate.add_argument("--seqlen", type=int, default=2048, help="window length (reference: 2048)")
     evaluate.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
-    return parser
-
-
-def _check_output(path: Path, overwrite: bool) -> None:
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--output {str(path)!r} is a file; choose a folder path.")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise ValueError(f"--output {str(path)!r} already holds files; choose another folder or pass --overwrite.")
-
-
-def save_atomically(model, tokenizer, output: Path) -> None:
-    """Write the checkpoint into a temporary sibling folder, then swap it into place: an existing checkpoint is
-    never half-overwritten, and a crash leaves at most a hidden temporary folder."""
-    output = output.resolve()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
-    try:
-        model.save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        if output.exists():
-            retired = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.old-"))
-            os.replace(output, retired / "checkpoint")
-            os.replace(staging, output)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _resolve_device(requested: str | None) -> str:
@@ -118,10 +92,11 @@ def _load(args: argparse.Namespace):
 
 def run_prune(args: argparse.Namespace) -> int:
     from .data import default_calibration_path
+    from .integration import check_output_dir, save_pretrained_atomically
     from .pruner import GBLMPruner
 
     output = Path(args.output)
-    _check_output(output, args.overwrite)
+    check_output_dir(output, args.overwrite, fix="pass --overwrite")
     calibration = args.calibration or str(default_calibration_path())
     config = GBLMConfig(
         method=args.method,
@@ -141,7 +116,7 @@ def run_prune(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args)
     pruner = GBLMPruner(config, cache_dir=args.cache_dir, use_cache=not args.no_cache)
     pruner.prune(model, calibration, tokenizer=tokenizer)
-    save_atomically(model, tokenizer, output)
+    save_pretrained_atomically(model, output, tokenizer=tokenizer, overwrite=True)
     record = pruner.last_record
     print(
         f"pruned {args.model or 'SmolLM2-135M-Instruct'} with {config.method} ({config.pattern}, sparsity "
@@ -165,16 +140,21 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_command(command: str, args: argparse.Namespace, verbose: bool = False) -> int:
+    """Run `prune` or `eval` with parsed arguments; bad input is one clear line on stderr and exit status 2."""
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        return {"prune": run_prune, "eval": run_eval}[args.command](args)
+        return {"prune": run_prune, "eval": run_eval}[command](args)
     except (ValueError, FloatingPointError) as error:
-        print(f"optimum-gblm {args.command}: error: {error}", file=sys.stderr)
+        print(f"optimum-gblm {command}: error: {error}", file=sys.stderr)
         return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(args.command, args, verbose=args.verbose)
 
 
 if __name__ == "__main__":

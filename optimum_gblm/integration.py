@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 import types
 from pathlib import Path
@@ -257,6 +258,41 @@ def apply_masks(model: nn.Module) -> None:
     for name in quantizer.packed_masks:
         weight = model.get_submodule(name).weight
         weight.masked_fill_(~quantizer.mask(name, weight.device), 0)
+
+
+def check_output_dir(output: str | os.PathLike, overwrite: bool, fix: str = "pass overwrite=True") -> None:
+    """Refuse a file, or a folder that already holds files unless overwriting was asked for."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"{str(output)!r} is a file; choose a folder path for the checkpoint.")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise ValueError(f"{str(output)!r} already holds files; choose another folder or {fix}.")
+
+
+def save_pretrained_atomically(
+    model: nn.Module, output: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False, **save_kwargs: Any
+) -> Path:
+    """Write the checkpoint into a temporary sibling folder, then swap it into place: an existing checkpoint is
+    never half-overwritten, and a crash leaves at most a hidden temporary folder."""
+    output = Path(output).resolve()
+    check_output_dir(output, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
+    try:
+        model.save_pretrained(staging, **save_kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if output.exists():
+            retired = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.old-"))
+            os.replace(output, retired / "checkpoint")
+            os.replace(staging, output)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output
 
 
 class SparsityCallback(TrainerCallback):

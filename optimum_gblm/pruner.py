@@ -6,18 +6,20 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
+from optimum.quantization_base import OptimumQuantizer
 from torch import nn
 
 from .config import GBLMConfig
 from .data import CalibrationSource, get_calibration_data, source_description
 from .engine import as_matrix, find_decoder_blocks, prunable_modules, run_layerwise, weight_matrix
 from .gradients import cached_gradient_norms, check_gradient_norms, load_gradient_norms
-from .integration import attach_masks
+from .integration import attach_masks, check_output_dir, save_pretrained_atomically
 from .masks import pack_mask, select_mask
-from .modeling import strip_gguf_quantization
+from .modeling import load_model, strip_gguf_quantization
 from .scores import ScoreSpec, get_score
 
 logger = logging.getLogger(__name__)
@@ -51,7 +53,7 @@ class ScorePruner:
         self.mask_shapes[name] = tuple(module.weight.shape)
 
 
-class GBLMPruner:
+class GBLMPruner(OptimumQuantizer):
     """Prunes a causal LM in place with the method, sparsity and pattern of a `GBLMConfig`.
 
     >>> model = GBLMPruner(GBLMConfig(sparsity=0.5, pattern="2:4")).prune(model, calibration, tokenizer=tokenizer)
@@ -77,6 +79,46 @@ class GBLMPruner:
         config.validate()
         self.config = config
         self.cache_dir, self.use_cache, self.show_progress = cache_dir, use_cache, show_progress
+        self.model: nn.Module | None = None
+        self.tokenizer: Any = None
+
+    # -- optimum's OptimumQuantizer interface --------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_or_path: nn.Module | str | os.PathLike,
+        file_name: str | None = None,
+        config: GBLMConfig | None = None,
+        tokenizer: Any = None,
+        **kwargs: Any,
+    ) -> "GBLMPruner":
+        """Bind a model (an instance, or a Hub id / folder loaded with `load_model`; `file_name` names a GGUF file
+        in it) to a new pruner, for `quantize(save_dir)`."""
+        if isinstance(model_or_path, nn.Module):
+            model = model_or_path
+        else:
+            model, loaded_tokenizer = load_model(model_or_path, gguf_file=file_name)
+            tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
+        pruner = cls(config, **kwargs)
+        pruner.model, pruner.tokenizer = model, tokenizer
+        return pruner
+
+    def quantize(
+        self,
+        save_dir: str | os.PathLike,
+        file_prefix: str | None = None,
+        calibration: CalibrationSource | None = None,
+        overwrite: bool = False,
+        **kwargs: Any,
+    ) -> Path:
+        """Prune the model bound by `from_pretrained` and save it (with its masks) to `save_dir`, atomically."""
+        if self.model is None:
+            raise ValueError("no model is bound: call GBLMPruner.from_pretrained(model_or_path) first, or use prune().")
+        if file_prefix is not None:
+            raise ValueError("file_prefix is not supported: pruned checkpoints keep transformers' file names.")
+        check_output_dir(save_dir, overwrite)
+        self.prune(self.model, calibration, tokenizer=self.tokenizer, **kwargs)
+        return save_pretrained_atomically(self.model, save_dir, tokenizer=self.tokenizer, overwrite=overwrite)
 
     def prune(
         self,
