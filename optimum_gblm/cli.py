@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_prune_arguments(commands.add_parser("prune", help="prune a model and save it as a checkpoint"))
     add_eval_arguments(commands.add_parser("eval", help="perplexity of a model on a text"))
+    add_push_arguments(commands.add_parser("push", help="upload a pruned checkpoint with its model card"))
     return parser
 
 
@@ -61,6 +62,20 @@ def add_prune_arguments(prune: argparse.ArgumentParser) -> None:
     prune.add_argument("--no-cache", action="store_true", help="neither read nor write the gradient cache")
     prune.add_argument("--output", required=True, help="folder for the pruned checkpoint")
     prune.add_argument("--overwrite", action="store_true", help="replace an output folder that already has files")
+    prune.add_argument("--eval-data", nargs="+", default=[], help="texts to measure perplexity on, before and after")
+    prune.add_argument("--eval-seqlen", type=int, default=2048, help="evaluation window length (reference: 2048)")
+    prune.add_argument("--eval-max-tokens", type=int, default=None, help="evaluate at most this many tokens per text")
+    prune.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="also upload the checkpoint to the Hub")
+
+
+def add_push_arguments(push: argparse.ArgumentParser) -> None:
+    push.add_argument("folder", help="a pruned checkpoint folder written by `optimum-gblm prune` or save_pretrained")
+    push.add_argument("repo_id", help="Hub repository, e.g. user/model-gblm-2of4")
+    push.add_argument("--private", action="store_true", default=None)
+    push.add_argument("--commit-message", default=None)
+    push.add_argument("--revision", default=None, help="branch to push to")
+    push.add_argument("--create-pr", action="store_true")
+    push.add_argument("--keep-hub-card", action="store_true", help="do not replace the README.md on the Hub")
 
 
 def add_eval_arguments(evaluate: argparse.ArgumentParser) -> None:
@@ -91,7 +106,8 @@ def _load(args: argparse.Namespace):
 
 
 def run_prune(args: argparse.Namespace) -> int:
-    from .data import default_calibration_path
+    from .data import default_calibration_path, get_evaluation_tokens
+    from .evaluation import perplexity, record_evaluation
     from .integration import check_output_dir, save_pretrained_atomically
     from .pruner import GBLMPruner
 
@@ -114,9 +130,20 @@ def run_prune(args: argparse.Namespace) -> int:
         gradient_checkpointing=args.gradient_checkpointing,
     )
     model, tokenizer = _load(args)
+    texts = {name: get_evaluation_tokens(name, tokenizer) for name in args.eval_data}
+    dense = {name: perplexity(model, tokens, args.eval_seqlen, args.eval_max_tokens) for name, tokens in texts.items()}
     pruner = GBLMPruner(config, cache_dir=args.cache_dir, use_cache=not args.no_cache)
     pruner.prune(model, calibration, tokenizer=tokenizer)
+    for name, tokens in texts.items():
+        result = perplexity(model, tokens, args.eval_seqlen, args.eval_max_tokens)
+        record_evaluation(model, name, result, dense[name])
+        print(f"{name}: dense {dense[name]}; pruned {result}")
     save_pretrained_atomically(model, output, tokenizer=tokenizer, overwrite=True)
+    if args.push_to_hub:
+        from .hub import push_folder_to_hub
+
+        push_folder_to_hub(output, args.push_to_hub)
+        print(f"pushed {output} to {args.push_to_hub}")
     record = pruner.last_record
     print(
         f"pruned {args.model or 'SmolLM2-135M-Instruct'} with {config.method} ({config.pattern}, sparsity "
@@ -140,14 +167,30 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_push(args: argparse.Namespace) -> int:
+    from .hub import push_folder_to_hub
+
+    commit = push_folder_to_hub(
+        args.folder,
+        args.repo_id,
+        private=args.private,
+        commit_message=args.commit_message,
+        revision=args.revision,
+        create_pr=args.create_pr,
+        replace_model_card=not args.keep_hub_card,
+    )
+    print(f"pushed {args.folder} to {args.repo_id}: {getattr(commit, 'commit_url', commit)}")
+    return 0
+
+
 def run_command(command: str, args: argparse.Namespace, verbose: bool = False) -> int:
-    """Run `prune` or `eval` with parsed arguments; bad input is one clear line on stderr and exit status 2."""
+    """Run `prune`, `eval` or `push` with parsed arguments; bad input is one clear line on stderr and exit status 2."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        return {"prune": run_prune, "eval": run_eval}[command](args)
-    except (ValueError, FloatingPointError) as error:
+        return {"prune": run_prune, "eval": run_eval, "push": run_push}[command](args)
+    except (ValueError, FloatingPointError, ConnectionError) as error:
         print(f"optimum-gblm {command}: error: {error}", file=sys.stderr)
         return 2
 

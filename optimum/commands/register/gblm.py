@@ -38,11 +38,22 @@ class GBLMEvalCommand(_GBLMSubcommand):
         add_eval_arguments(parser)
 
 
+class GBLMPushCommand(_GBLMSubcommand):
+    name = "push"
+
+    @staticmethod
+    def parse_args(parser):
+        from optimum_gblm.cli import add_push_arguments
+
+        add_push_arguments(parser)
+
+
 class GBLMCommand(BaseOptimumCLICommand):
     COMMAND = CommandInfo(name="gblm", help="Prune causal LMs with GBLM-Pruner, Wanda or magnitude (optimum-gblm).")
     SUBCOMMANDS = (
         CommandInfo(name="prune", help="prune a model and save it as a checkpoint", subcommand_class=GBLMPruneCommand),
         CommandInfo(name="eval", help="perplexity of a model on a text", subcommand_class=GBLMEvalCommand),
+        CommandInfo(name="push", help="upload a pruned checkpoint with its model card", subcommand_class=GBLMPushCommand),
     )
 
 
