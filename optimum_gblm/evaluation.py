@@ -80,3 +80,75 @@ def record_evaluation(
     }
     kept = [e for e in (config.evaluation or []) if (e["data"], e["seqlen"]) != (data, result.seqlen)]
     config.evaluation = kept + [entry]
+
+
+# -- zero-shot multiple choice ----------------------------------------------------------------------------------
+def load_multiple_choice(path: str) -> list[dict]:
+    """Items from a JSON-lines file, one `{"context": str, "choices": [str, ...], "label": int}` per line."""
+    import json
+
+    items = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not valid JSON ({error}).") from None
+            choices, label = item.get("choices"), item.get("label")
+            if not isinstance(item.get("context"), str) or not isinstance(choices, list) or len(choices) < 2:
+                raise ValueError(f"{path}:{number}: need 'context' (text) and 'choices' (a list of at least 2 texts).")
+            if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(choices):
+                raise ValueError(f"{path}:{number}: 'label' must be the index of the right choice, 0..{len(choices) - 1}.")
+            items.append(item)
+    if not items:
+        raise ValueError(f"{path} holds no multiple-choice items.")
+    return items
+
+
+@torch.no_grad()
+def choice_log_likelihood(model: nn.Module, tokenizer, context: str, continuation: str) -> float:
+    """Sum of log p(continuation tokens | context), the way lm-evaluation-harness scores a choice."""
+    context_ids = tokenizer(context)["input_ids"]
+    continuation_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    if not continuation_ids:
+        raise ValueError(f"choice {continuation!r} tokenizes to nothing.")
+    device = next(model.parameters()).device
+    ids = torch.tensor([context_ids + continuation_ids], device=device)
+    logits = model(input_ids=ids).logits[0].float()
+    log_probs = torch.log_softmax(logits[len(context_ids) - 1 : -1], dim=-1)
+    targets = torch.tensor(continuation_ids, device=device)
+    return log_probs.gather(1, targets[:, None]).sum().item()
+
+
+def multiple_choice_accuracy(model: nn.Module, tokenizer, items: list[dict], delimiter: str = " ") -> dict:
+    """acc (highest log-likelihood choice) and acc_norm (log-likelihood per character), as lm-eval reports them."""
+    was_training = model.training
+    model.eval()
+    correct = correct_norm = 0
+    try:
+        for item in items:
+            scores = [choice_log_likelihood(model, tokenizer, item["context"], delimiter + c) for c in item["choices"]]
+            normalized = [s / max(1, len(delimiter + c)) for s, c in zip(scores, item["choices"])]
+            correct += int(max(range(len(scores)), key=scores.__getitem__) == item["label"])
+            correct_norm += int(max(range(len(normalized)), key=normalized.__getitem__) == item["label"])
+    finally:
+        model.train(was_training)
+    return {"acc": correct / len(items), "acc_norm": correct_norm / len(items), "num_items": len(items)}
+
+
+def zero_shot(model: nn.Module, tokenizer, tasks: list[str], num_fewshot: int = 0, limit: int | None = None, batch_size: int = 1) -> dict:
+    """lm-evaluation-harness tasks (e.g. boolq, rte, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa)."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        raise ValueError("zero-shot tasks need lm-evaluation-harness: pip install 'optimum-gblm[eval]'.") from None
+    results = lm_eval.simple_evaluate(
+        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
+        tasks=list(tasks),
+        num_fewshot=num_fewshot,
+        limit=limit,
+    )
+    return results["results"]

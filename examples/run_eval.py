@@ -1,0 +1,61 @@
+"""Evaluate a (pruned) causal LM: perplexity on texts, zero-shot accuracy through lm-evaluation-harness task names
+when lm-eval is installed, and a local multiple-choice file scored the same way. Results go to a JSON file and, for
+a checkpoint pruned by optimum-gblm, into its config.json and model card.
+
+    python examples/run_eval.py --model_name_or_path smollm2-gblm-2of4 --eval_data wikitext2 --eval_seqlen 2048 \
+        --tasks boolq rte hellaswag --multiple_choice_file items.jsonl --output_dir eval-results
+    python examples/run_eval.py eval_config.json
+"""
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from arguments import DataArguments, EvaluationArguments, ModelArguments, OutputArguments, load, parse, setup_logging
+
+from optimum_gblm import get_evaluation_tokens, perplexity, record_evaluation
+from optimum_gblm.evaluation import load_multiple_choice, multiple_choice_accuracy, zero_shot
+from optimum_gblm.hub import write_model_card
+from optimum_gblm.integration import GBLMHfQuantizer
+
+logger = logging.getLogger("run_eval")
+
+
+def main() -> None:
+    model_args, data_args, eval_args, output_args = parse(ModelArguments, DataArguments, EvaluationArguments, OutputArguments)
+    setup_logging()
+    model, tokenizer = load(model_args)
+    results: dict = {"model": model_args.model_name_or_path or "SmolLM2-135M-Instruct", "perplexity": {}}
+    pruned = isinstance(getattr(model, "hf_quantizer", None), GBLMHfQuantizer)
+    for name in data_args.eval_data:
+        result = perplexity(model, get_evaluation_tokens(name, tokenizer), data_args.eval_seqlen, data_args.eval_max_tokens)
+        results["perplexity"][name] = result.to_dict()
+        logger.info("%s: %s", name, result)
+        if pruned:
+            record_evaluation(model, name, result)
+    if eval_args.multiple_choice_file:
+        items = load_multiple_choice(eval_args.multiple_choice_file)
+        results["multiple_choice"] = multiple_choice_accuracy(model, tokenizer, items)
+        logger.info("%s: %s", eval_args.multiple_choice_file, results["multiple_choice"])
+    if eval_args.tasks:
+        results["zero_shot"] = zero_shot(model, tokenizer, eval_args.tasks, eval_args.num_fewshot, eval_args.limit)
+
+    out = Path(output_args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    folder = model_args.model_name_or_path
+    if pruned and eval_args.write_model_card and folder and os.path.isdir(folder):
+        # Only the record changes: config.json and README.md, each replaced atomically.
+        staging = Path(folder) / ".config.json.tmp"
+        staging.write_text(model.config.to_json_string())
+        os.replace(staging, Path(folder) / "config.json")
+        write_model_card(model, folder)
+        logger.info("results recorded in %s/config.json and its model card", folder)
+    if output_args.push_to_hub and pruned:
+        model.push_to_hub(output_args.hub_model_id or out.name, tokenizer=tokenizer)
+
+
+if __name__ == "__main__":
+    main()

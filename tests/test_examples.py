@@ -1,0 +1,137 @@
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import sample_text, tiny_model
+from optimum_gblm.engine import prunable_modules
+from optimum_gblm.evaluation import load_multiple_choice, multiple_choice_accuracy
+from optimum_gblm.masks import check_nm
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run(script, *args, cwd):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(EXAMPLES / script), *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture
+def workspace(tmp_path, tokenizer):
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    (tmp_path / "train.txt").write_text(sample_text(1500, seed=1))
+    (tmp_path / "heldout.txt").write_text(sample_text(600, seed=2))
+    return tmp_path
+
+
+def zeros(model):
+    return {n: m.weight == 0 for n, m in prunable_modules(model).items()}
+
+
+def test_prune_then_finetune_then_eval(workspace):
+    w = workspace
+    run("run_prune.py", "--model_name_or_path", w / "base", "--calibration", w / "train.txt", "--pattern", "2:4",
+        "--num_samples", 4, "--seqlen", 16, "--eval_data", w / "heldout.txt", "--eval_seqlen", 16,
+        "--output_dir", w / "pruned", cwd=w)
+    card = (w / "pruned" / "README.md").read_text()
+    assert "## Recipe" in card and "heldout.txt" in card
+    pruned = AutoModelForCausalLM.from_pretrained(w / "pruned")
+    assert all(check_nm(~z, 2, 4) for z in zeros(pruned).values())
+
+    run("run_sparse_finetune.py", "--model_name_or_path", w / "pruned", "--train_file", w / "train.txt",
+        "--block_size", 16, "--eval_data", w / "heldout.txt", "--eval_seqlen", 16, "--output_dir", w / "tuned",
+        "--max_steps", 3, "--learning_rate", 1e-2, "--per_device_train_batch_size", 2, "--report_to", "none",
+        "--save_strategy", "no", "--use_cpu", "true", cwd=w)
+    tuned = AutoModelForCausalLM.from_pretrained(w / "tuned")
+    before, after = zeros(pruned), zeros(tuned)
+    assert all(torch.equal(before[n], after[n]) for n in before), "fine-tuning must keep the sparsity exactly"
+    changed = [not torch.equal(pruned.get_submodule(n).weight, tuned.get_submodule(n).weight) for n in before]
+    assert all(changed)
+    assert "after fine-tuning" in (w / "tuned" / "README.md").read_text()
+
+    mc = w / "items.jsonl"
+    mc.write_text("\n".join(json.dumps(i) for i in [
+        {"context": "a single man", "choices": ["in possession", "of a wife"], "label": 0},
+        {"context": "it is a truth", "choices": ["universally acknowledged", "must be"], "label": 0},
+    ]) + "\n")
+    run("run_eval.py", "--model_name_or_path", w / "tuned", "--eval_data", w / "heldout.txt", "--eval_seqlen", 16,
+        "--multiple_choice_file", mc, "--output_dir", w / "eval", cwd=w)
+    results = json.loads((w / "eval" / "eval_results.json").read_text())
+    assert results["perplexity"][str(w / "heldout.txt")]["seqlen"] == 16
+    assert results["multiple_choice"]["num_items"] == 2
+    recorded = json.loads((w / "tuned" / "config.json").read_text())["quantization_config"]["evaluation"]
+    assert any(e["data"] == str(w / "heldout.txt") for e in recorded)
+    AutoModelForCausalLM.from_pretrained(w / "tuned")  # still a valid, verified checkpoint
+
+
+def test_examples_take_a_json_config(workspace):
+    w = workspace
+    config = {"model_name_or_path": str(w / "base"), "calibration": str(w / "train.txt"), "method": "wanda",
+              "sparsity": 0.5, "num_samples": 4, "seqlen": 16, "output_dir": str(w / "from-json")}
+    (w / "prune.json").write_text(json.dumps(config))
+    run("run_prune.py", w / "prune.json", cwd=w)
+    entry = json.loads((w / "from-json" / "config.json").read_text())["quantization_config"]
+    assert entry["method"] == "wanda" and entry["global_sparsity"] == 0.5
+
+    tune = {"model_name_or_path": str(w / "base"), "calibration": str(w / "train.txt"), "pattern": "2:4",
+            "num_samples": 4, "seqlen": 16, "block_size": 16, "output_dir": str(w / "tuned-json"), "max_steps": 2,
+            "learning_rate": 0.01, "report_to": "none", "save_strategy": "no", "use_cpu": True}
+    (w / "tune.json").write_text(json.dumps(tune))
+    run("run_sparse_finetune.py", w / "tune.json", cwd=w)
+    tuned = AutoModelForCausalLM.from_pretrained(w / "tuned-json")
+    assert all(check_nm(~z, 2, 4) for z in zeros(tuned).values())
+
+
+class UnigramLM(torch.nn.Module):
+    """Predicts the same next-token distribution everywhere: log-likelihoods are hand-computable."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.tensor(logits))
+
+    def forward(self, input_ids):
+        return SimpleNamespace(logits=self.bias.expand(*input_ids.shape, -1))
+
+
+def test_multiple_choice_accuracy_matches_a_hand_computation(tmp_path, tokenizer):
+    vocab = tokenizer.get_vocab()
+    logits = [0.0] * 96
+    # log-probs: "man" and "wife" likely, everything else equally unlikely
+    logits[vocab["man"]] = 3.0
+    logits[vocab["wife"]] = 2.0
+    model = UnigramLM(logits)
+    path = tmp_path / "three.jsonl"
+    items = [
+        {"context": "a single", "choices": ["man", "fortune"], "label": 0},          # man wins: right
+        {"context": "in want of a", "choices": ["fortune", "wife"], "label": 0},     # wife wins: wrong
+        {"context": "a good", "choices": ["wife", "man must"], "label": 0},          # wife (2) beats man+must: right
+    ]
+    path.write_text("\n".join(json.dumps(i) for i in items))
+    result = multiple_choice_accuracy(model, tokenizer, load_multiple_choice(str(path)))
+    assert result["acc"] == pytest.approx(2 / 3) and result["num_items"] == 3
+    # hand check of the third item: log p(wife) vs log p(man) + log p(must)
+    z = math.log(94 + math.exp(3) + math.exp(2))
+    assert (2 - z) > (3 - z) + (0 - z)
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"context": "x", "choices": ["a"], "label": 0}', "at least 2"),
+    ('{"context": "x", "choices": ["a", "b"], "label": 2}', "index of the right choice"),
+    ("not json", "not valid JSON"),
+])
+def test_bad_multiple_choice_files(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(ValueError, match=message):
+        load_multiple_choice(str(path))
