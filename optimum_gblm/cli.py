@@ -190,7 +190,7 @@ def run_command(command: str, args: argparse.Namespace, verbose: bool = False) -
     )
     try:
         return {"prune": run_prune, "eval": run_eval, "push": run_push}[command](args)
-    except (ValueError, FloatingPointError, ConnectionError) as error:
+    except (ValueError, FloatingPointError, OSError) as error:  # OSError covers ConnectionError and a full disk
         print(f"optimum-gblm {command}: error: {error}", file=sys.stderr)
         return 2
 

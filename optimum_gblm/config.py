@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,7 +107,7 @@ class GBLMConfig(QuantizationConfigMixin):
     def validate(self) -> None:
         from .scores import METHODS  # late import: scores registers methods, config only names them
 
-        if self.method not in METHODS:
+        if not isinstance(self.method, str) or self.method not in METHODS:
             raise ValueError(f"method {self.method!r} is unknown: choose one of {sorted(METHODS)}.")
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
             raise ValueError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}.")
@@ -125,7 +126,7 @@ class GBLMConfig(QuantizationConfigMixin):
                 raise ValueError("use_variant (Wanda's variant) only applies to pattern='unstructured'.")
             if self.scope != "row":
                 raise ValueError("scope='layer' only applies to pattern='unstructured'; N:M masks are per row.")
-        if self.gradient_norm not in GRADIENT_NORMS:
+        if not isinstance(self.gradient_norm, str) or self.gradient_norm not in GRADIENT_NORMS:
             raise ValueError(f"gradient_norm must be one of {GRADIENT_NORMS}, got {self.gradient_norm!r}.")
         if (
             isinstance(self.gradient_scale, bool)
@@ -139,7 +140,7 @@ class GBLMConfig(QuantizationConfigMixin):
         _check_int("seqlen", self.seqlen, 2)
         _check_int("seed", self.seed, 0)
         if self.target_modules is not None:
-            if isinstance(self.target_modules, str):
+            if isinstance(self.target_modules, str):  # one name is a list of one
                 self.target_modules = [self.target_modules]
             if not isinstance(self.target_modules, (list, tuple)) or not all(
                 isinstance(t, str) and t for t in self.target_modules
@@ -151,7 +152,7 @@ class GBLMConfig(QuantizationConfigMixin):
             self.target_modules = list(self.target_modules)
         if not isinstance(self.use_variant, bool):
             raise ValueError(f"use_variant must be True or False, got {self.use_variant!r}.")
-        if self.scope not in SCOPES:
+        if not isinstance(self.scope, str) or self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}.")
         if self.use_variant and self.scope != "row":
             raise ValueError("use_variant picks per-row thresholds; it cannot be combined with scope='layer'.")
@@ -166,10 +167,43 @@ class GBLMConfig(QuantizationConfigMixin):
             self.tokenizer = os.fspath(self.tokenizer)
         if self.tokenizer is not None and not isinstance(self.tokenizer, str) and not callable(self.tokenizer):
             raise ValueError(f"tokenizer must be a tokenizer or its name/path, got {type(self.tokenizer).__name__}.")
-        if not isinstance(self.masks_file, str) or not self.masks_file.endswith(".safetensors") or "/" in self.masks_file:
+        if (
+            not isinstance(self.masks_file, str)
+            or not self.masks_file.endswith(".safetensors")
+            or "/" in self.masks_file
+            or "\\" in self.masks_file
+            or self.masks_file.startswith(".")
+        ):
             raise ValueError(f"masks_file must be a file name ending in .safetensors, got {self.masks_file!r}.")
         if not isinstance(self.gradient_checkpointing, bool):
             raise ValueError(f"gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}.")
+        self._validate_results()
+
+    def _validate_results(self) -> None:
+        # Results come back from config.json: a hand-edited or damaged file must fail here, not deep in a card.
+        def number(value: Any) -> bool:
+            return not isinstance(value, bool) and isinstance(value, (int, float)) and 0.0 <= value <= 1.0
+
+        for name in ("base_model", "calibration"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name} must be a mapping or null, got {type(getattr(self, name)).__name__}.")
+        if self.global_sparsity is not None and not number(self.global_sparsity):
+            raise ValueError(f"global_sparsity must be a number in [0, 1] or null, got {self.global_sparsity!r}.")
+        if self.layer_sparsity is not None and (
+            not isinstance(self.layer_sparsity, dict)
+            or not all(isinstance(k, str) and number(v) for k, v in self.layer_sparsity.items())
+        ):
+            raise ValueError("layer_sparsity must map layer names to numbers in [0, 1].")
+        if self.masks_checksum is not None and not (
+            isinstance(self.masks_checksum, str) and re.fullmatch(r"[0-9a-f]{64}", self.masks_checksum)
+        ):
+            raise ValueError(f"masks_checksum must be a sha256 hex digest, got {self.masks_checksum!r}.")
+        if self.evaluation is not None:
+            required = {"data": str, "seqlen": int, "num_tokens": int, "perplexity": (int, float)}
+            if not isinstance(self.evaluation, list) or not all(
+                isinstance(e, dict) and all(isinstance(e.get(k), t) for k, t in required.items()) for e in self.evaluation
+            ):
+                raise ValueError(f"evaluation must be a list of {{{', '.join(required)}, dense_perplexity}} entries.")
 
     # -- derived ----------------------------------------------------------------------------------------------
     @property

@@ -9,12 +9,14 @@ keyed by model identity, calibration tokens and settings.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
@@ -78,16 +80,27 @@ def compute_gradient_norms(
     scale: float = 100.0,
     gradient_checkpointing: bool = False,
     show_progress: bool = True,
+    resume_from: tuple[int, dict[str, torch.Tensor]] | None = None,
+    save_progress: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
+    progress_seconds: float = 600.0,
 ) -> dict[str, torch.Tensor]:
     """Accumulated gradient norms for the weight of every module in `modules` (same layout as the weight, fp32).
 
     One forward/backward per sequence (batch size 1), labels = input ids, no optimizer step: weights are unchanged.
+    `resume_from=(n, sums)` continues after the first n sequences from raw sums (|s g| or (s g)^2) saved earlier;
+    `save_progress(n, sums)` is called with the raw sums at most every `progress_seconds` while running.
     """
     if norm not in ("l1", "l2"):
         raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}.")
     device = next(model.parameters()).device
     weights = {name: module.weight for name, module in modules.items()}
     accumulators = {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
+    first = 0
+    if resume_from is not None:
+        first, saved = resume_from
+        check_gradient_norms(saved, modules, source="the partial gradient stage")
+        for name, accumulator in accumulators.items():
+            accumulator.copy_(saved[name])
 
     def fold(name: str):
         accumulator = accumulators[name]
@@ -112,11 +125,16 @@ def compute_gradient_norms(
             weight.requires_grad_(True)
             weight.grad = None
             handles.append(weight.register_post_accumulate_grad_hook(fold(name)))
+        last_saved = time.monotonic()
         with _EvalWithCheckpointing(model, gradient_checkpointing), torch.enable_grad():
-            for i in tqdm(range(input_ids.shape[0]), desc="Gradient norms", disable=not show_progress):
+            total = input_ids.shape[0]
+            for i in tqdm(range(first, total), desc="Gradient norms", initial=first, total=total, disable=not show_progress):
                 sequence = input_ids[i : i + 1].to(device)
                 loss = model(input_ids=sequence, labels=sequence, use_cache=False).loss
                 loss.backward()
+                if save_progress is not None and i + 1 < total and time.monotonic() - last_saved >= progress_seconds:
+                    save_progress(i + 1, accumulators)
+                    last_saved = time.monotonic()
     finally:
         for handle in handles:
             handle.remove()
@@ -210,36 +228,75 @@ def cached_gradient_norms(
     use_cache: bool = True,
     gradient_checkpointing: bool = False,
     show_progress: bool = True,
+    progress_seconds: float = 600.0,
 ) -> dict[str, torch.Tensor]:
-    """`compute_gradient_norms`, reusing a cached result when model, calibration tokens and settings match."""
+    """`compute_gradient_norms`, reusing a cached result when model, calibration tokens and settings match.
+
+    While it runs, progress is saved to `<key>.partial.safetensors` at most every `progress_seconds`; an interrupted
+    run with the same key resumes after the last saved sequence. A partial file is never taken for a result.
+    """
+    compute = lambda **extra: compute_gradient_norms(  # noqa: E731
+        model, input_ids, modules, norm, scale, gradient_checkpointing, show_progress, **extra
+    )
     if not use_cache:
-        return compute_gradient_norms(model, input_ids, modules, norm, scale, gradient_checkpointing, show_progress)
+        return compute()
     key = cache_key(model, modules, input_ids, norm, scale)
-    path = Path(cache_dir or default_cache_dir()) / f"{key}.safetensors"
+    folder = Path(cache_dir or default_cache_dir())
+    path, partial = folder / f"{key}.safetensors", folder / f"{key}.partial.safetensors"
+    device = next(model.parameters()).device
     if path.is_file():
         try:
+            if cache_metadata(path).get("state", "complete") != "complete":
+                raise ValueError("not a complete result")
             norms = load_gradient_norms(path, modules)
         except Exception as error:  # a damaged cache entry is recomputed, never trusted
             logger.warning("ignoring unreadable gradient cache %s (%s); recomputing", path, error)
         else:
             logger.info("gradient norms: reusing cache %s", path)
-            device = next(model.parameters()).device
             return {k: v.to(device) for k, v in norms.items() if k in modules}
-    norms = compute_gradient_norms(model, input_ids, modules, norm, scale, gradient_checkpointing, show_progress)
     metadata: dict[str, Any] = {
         "format": CACHE_FORMAT_VERSION,
+        "key": key,
         "model": str(getattr(getattr(model, "config", None), "_name_or_path", "")),
         "num_samples": str(input_ids.shape[0]),
         "seqlen": str(input_ids.shape[1]),
         "norm": norm,
         "scale": repr(float(scale)),
     }
+    resume_from = None
+    if partial.is_file():
+        try:
+            info = cache_metadata(partial)
+            if info.get("key") != key or info.get("state") != "partial":
+                raise ValueError("written for other settings")
+            completed = int(info["completed"])
+            resume_from = (completed, {k: v.to(device) for k, v in load_gradient_norms(partial, modules).items()})
+            logger.info("gradient norms: resuming after %d of %d sequences from %s", completed, input_ids.shape[0], partial)
+        except Exception as error:
+            logger.warning("ignoring unusable partial gradient state %s (%s); starting over", partial, error)
+            resume_from = None
+
+    def save_progress(completed: int, sums: dict[str, torch.Tensor]) -> None:
+        try:
+            save_gradient_norms(sums, partial, {**metadata, "state": "partial", "completed": str(completed)})
+        except OSError as error:  # progress is a convenience: a full disk must not stop the run
+            logger.warning("could not save gradient progress to %s: %s", partial, error)
+
+    norms = compute(resume_from=resume_from, save_progress=save_progress, progress_seconds=progress_seconds)
     try:
-        save_gradient_norms(norms, path, metadata)
+        save_gradient_norms(norms, path, {**metadata, "state": "complete"})
         logger.info("gradient norms cached at %s", path)
     except OSError as error:  # a full disk must not cost the run its result
-        logger.warning("could not write gradient cache %s: %s", path, error)
+        logger.warning("could not write gradient cache %s: %s", path, describe_os_error(error))
+    if partial.exists():
+        partial.unlink()
     return norms
+
+
+def describe_os_error(error: OSError) -> str:
+    if getattr(error, "errno", None) == errno.ENOSPC:
+        return f"the disk is full ({error}); free some space"
+    return str(error)
 
 
 def cache_metadata(path: str | os.PathLike) -> dict[str, Any]:

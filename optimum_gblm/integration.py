@@ -11,7 +11,9 @@ optimizer step, so fine-tuning keeps the sparsity exactly.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -36,9 +38,13 @@ logger = logging.getLogger(__name__)
 MASKS_FORMAT = "optimum-gblm-masks/1"
 
 
-def masks_checksum(packed_masks: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> str:
-    """sha256 over every layer's name, shape and mask bits, in name order (independent of the file's layout)."""
+def masks_checksum(
+    packed_masks: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], recipe: dict[str, Any] | None = None
+) -> str:
+    """sha256 over the recipe and every layer's name, shape and mask bits, in name order (independent of the file's
+    layout): editing either the masks or the recipe in config.json breaks it."""
     digest = hashlib.sha256()
+    digest.update(json.dumps(recipe or {}, sort_keys=True).encode())
     for name in sorted(packed_masks):
         digest.update(f"{name}|{tuple(shapes[name])}|".encode())
         digest.update(packed_masks[name].contiguous().numpy().tobytes())
@@ -232,11 +238,12 @@ def attach_masks(
     quantizer: GBLMHfQuantizer | None = None,
 ) -> GBLMHfQuantizer:
     """Make `model` a GBLM-pruned model: quantizer, config entry, mask-saving `save_pretrained`, gradient masking."""
-    checksum = masks_checksum(packed_masks, shapes)
-    if verify and config.masks_checksum and checksum != config.masks_checksum:
+    checksum = masks_checksum(packed_masks, shapes, config.recipe())
+    if verify and checksum != config.masks_checksum:
         raise ValueError(
-            "the mask file does not match the checksum recorded in config.json: the masks were altered or come from "
-            "another checkpoint. Restore both files from the same checkpoint."
+            "the masks and the recipe in config.json do not match the checksum recorded there: the mask file or the "
+            "pruning recipe was altered, or they come from different checkpoints. Restore both files from the same "
+            "checkpoint."
         )
     config.masks_checksum = checksum
     if quantizer is None:
@@ -244,6 +251,7 @@ def attach_masks(
     quantizer.packed_masks, quantizer.mask_shapes = dict(packed_masks), dict(shapes)
     if verify:
         check_weights_match_masks(model, quantizer)
+        check_recorded_sparsity(model, config)
     for handle in getattr(model, "_gblm_gradient_hooks", []):
         handle.remove()
     model._gblm_gradient_hooks = [
@@ -264,6 +272,19 @@ def _zero_masked_gradient(quantizer: GBLMHfQuantizer, name: str):
             param.grad.masked_fill_(~quantizer.mask(name, param.grad.device), 0)
 
     return hook
+
+
+def check_recorded_sparsity(model: nn.Module, config: GBLMConfig) -> None:
+    from .pruner import sparsity_report
+
+    recorded = config.layer_sparsity or {}
+    measured = sparsity_report({name: model.get_submodule(name) for name in recorded})["layer_sparsity"]
+    wrong = [name for name in recorded if abs(measured[name] - recorded[name]) > 1e-6]
+    if wrong:
+        raise ValueError(
+            f"layer_sparsity in config.json says {recorded[wrong[0]]} for {wrong[0]} but its weights have "
+            f"{measured[wrong[0]]}: config.json was edited or belongs to other weights."
+        )
 
 
 @torch.no_grad()
@@ -292,6 +313,9 @@ def save_pretrained_atomically(
     output = Path(output).resolve()
     check_output_dir(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
+    # Leftovers of a save that was killed before it could clean up: never a checkpoint, safe to remove.
+    for stale in output.parent.glob(f".{output.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
     try:
         model.save_pretrained(staging, **save_kwargs)
@@ -304,6 +328,14 @@ def save_pretrained_atomically(
             shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(staging, output)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if error.errno == errno.ENOSPC:
+            raise OSError(
+                error.errno, f"the disk is full while saving {str(output)!r}: free some space and save again; "
+                f"{'the existing checkpoint was left as it was' if output.exists() else 'nothing was written'}"
+            ) from error
+        raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -65,6 +65,9 @@ def load_model(
         name_or_path, gguf_file = default_model_location()
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     logger.info("loading %s%s", name_or_path, f" ({gguf_file})" if gguf_file else "")
+    if not gguf_file:
+        # Only safetensors (and JSON) are read: a pickled checkpoint could run code while loading.
+        kwargs.setdefault("use_safetensors", True)
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, **extra, **kwargs
     )

@@ -93,3 +93,15 @@ def test_console_script_runs(model_dir, text_file, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert (output / "model.safetensors").is_file()
+
+
+def test_prune_measures_dense_and_pruned_perplexity_into_the_checkpoint(model_dir, text_file, tmp_path, capsys):
+    output = tmp_path / "pruned"
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text(sample_text(300, seed=5))
+    assert main(prune_args(model_dir, text_file, output, "--eval-data", str(heldout), "--eval-seqlen", "16")) == 0
+    assert "dense ppl" in capsys.readouterr().out
+    (entry,) = json.loads((output / "config.json").read_text())["quantization_config"]["evaluation"]
+    assert entry["data"] == str(heldout) and entry["seqlen"] == 16 and entry["num_tokens"] % 16 == 0
+    assert entry["dense_perplexity"] > 1 and entry["perplexity"] > 1
+    assert f"| {heldout} | 16 |" in (output / "README.md").read_text()

@@ -155,19 +155,20 @@ def test_tampering_is_detected(tmp_path):
     config = json.loads(config_path.read_text())
     config["quantization_config"]["masks_checksum"] = "0" * 64
     config_path.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="does not match the checksum"):
+    with pytest.raises(ValueError, match="do not match the checksum"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "a")
 
 
 def test_masks_checksum_depends_on_every_bit():
     model = pruned()
     q = model.hf_quantizer
-    reference = masks_checksum(q.packed_masks, q.mask_shapes)
+    reference = masks_checksum(q.packed_masks, q.mask_shapes, model.config.quantization_config.recipe())
+    assert reference == model.config.quantization_config.masks_checksum
     name = next(iter(q.packed_masks))
     flipped = dict(q.packed_masks)
     flipped[name] = flipped[name].clone()
     flipped[name][0] ^= 1
-    assert masks_checksum(flipped, q.mask_shapes) != reference
+    assert masks_checksum(flipped, q.mask_shapes, model.config.quantization_config.recipe()) != reference
 
 
 def test_pruning_at_load_gives_the_same_masks_as_the_pruner(tmp_path, tokenizer):
