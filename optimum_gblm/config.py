@@ -51,7 +51,7 @@ class GBLMConfig(QuantizationConfigMixin):
 
     Args:
         method: importance score, a name from `optimum_gblm.scores.SCORES`: "gblm" (|W| (||X||/sqrt(N) + G)),
-            "wanda", "magnitude", "gradient" (|W| G only) or "gblm_inverse".
+            "wanda", "magnitude", "gradient" (|W| G only) or "gblm_inverse"; or "sparsegpt" (prunes and updates).
         sparsity: share of each layer's weights removed, in [0, 1). With an N:M pattern it must equal N/M.
         pattern: "unstructured" or N:M such as "2:4" / "4:8" (N removed in every M consecutive inputs of a row).
         gradient_norm: "l1" (the paper's headline) or "l2" accumulation of per-sequence gradients.
@@ -68,6 +68,7 @@ class GBLMConfig(QuantizationConfigMixin):
             `prune()` gets no calibration data.
         tokenizer: tokenizer name or path, used to tokenize text calibration data.
         gradient_checkpointing: recompute activations in the gradient stage to save memory.
+        sparsegpt_damping / sparsegpt_blocksize: SparseGPT's dampening (share of mean diag H) and column block.
 
     Filled in by the pruner and saved with the checkpoint (`config.json`, `quantization_config`):
         base_model: the model that was pruned (name, GGUF file, licence when known).
@@ -91,6 +92,8 @@ class GBLMConfig(QuantizationConfigMixin):
     dataset: str | None = None
     tokenizer: str | None = None
     gradient_checkpointing: bool = False
+    sparsegpt_damping: float = 0.01
+    sparsegpt_blocksize: int = 128
     base_model: dict[str, Any] | None = None
     calibration: dict[str, Any] | None = None
     global_sparsity: float | None = None
@@ -177,6 +180,17 @@ class GBLMConfig(QuantizationConfigMixin):
             raise ValueError(f"masks_file must be a file name ending in .safetensors, got {self.masks_file!r}.")
         if not isinstance(self.gradient_checkpointing, bool):
             raise ValueError(f"gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}.")
+        if (
+            isinstance(self.sparsegpt_damping, bool)
+            or not isinstance(self.sparsegpt_damping, (int, float))
+            or not 0 < self.sparsegpt_damping < 1e6
+        ):
+            raise ValueError(f"sparsegpt_damping must be a number > 0 (default 0.01), got {self.sparsegpt_damping!r}.")
+        self.sparsegpt_damping = float(self.sparsegpt_damping)
+        _check_int("sparsegpt_blocksize", self.sparsegpt_blocksize, 1)
+        nm = self.nm
+        if nm is not None and self.sparsegpt_blocksize % nm[1]:
+            raise ValueError(f"sparsegpt_blocksize must be a multiple of M={nm[1]} for pattern {self.pattern!r}.")
         self._validate_results()
 
     def _validate_results(self) -> None:

@@ -21,6 +21,7 @@ from .integration import attach_masks, check_output_dir, save_pretrained_atomica
 from .masks import pack_mask, select_mask
 from .modeling import base_model_info, load_model, strip_gguf_quantization
 from .scores import ScoreSpec, get_score
+from .sparsegpt import SparseGPTPruner
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +146,9 @@ class GBLMPruner(OptimumQuantizer):
             gradient_norms: precomputed norms (a dict or a safetensors path) instead of computing/caching them.
         """
         config = self.config
-        score = get_score(config.method)
+        score = get_score(config.method) if config.method != "sparsegpt" else None
+        needs_activations = score is None or score.needs_activations
+        needs_gradients = score is not None and score.needs_gradients
         start = time.perf_counter()
         # Check everything before touching the model: bad input must leave it as it was.
         find_decoder_blocks(model)
@@ -153,8 +156,7 @@ class GBLMPruner(OptimumQuantizer):
         strip_gguf_quantization(model)
 
         input_ids = None
-        needs_data = score.needs_activations or score.needs_gradients
-        if needs_data:
+        if needs_activations or needs_gradients:
             if calibration is None:
                 calibration = config.dataset
             if calibration is None:
@@ -172,7 +174,7 @@ class GBLMPruner(OptimumQuantizer):
 
         norms = None
         gradient_seconds = 0.0
-        if score.needs_gradients:
+        if needs_gradients:
             if gradient_norms is not None:
                 if isinstance(gradient_norms, (str, os.PathLike)):
                     norms = load_gradient_norms(gradient_norms, modules)
@@ -195,8 +197,8 @@ class GBLMPruner(OptimumQuantizer):
                 gradient_seconds = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        layer_pruner = ScorePruner(config, score, norms)
-        if score.needs_activations:
+        layer_pruner = SparseGPTPruner(config) if score is None else ScorePruner(config, score, norms)
+        if needs_activations:
             run_layerwise(model, input_ids, layer_pruner, config.target_modules, show_progress=self.show_progress)
         else:
             for name, module in modules.items():

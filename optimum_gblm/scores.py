@@ -72,6 +72,10 @@ def gblm_inverse_score(weight, input_sq_mean, gradient_norms):
     return weight.float().abs() * _activation_norms(input_sq_mean) / (gradient_norms.float() + 1e-8)
 
 
+# SparseGPT updates the weights it keeps, so it is a method but not a score (see sparsegpt.py).
+METHODS.add("sparsegpt")
+
+
 def get_score(name: str) -> ScoreSpec:
     try:
         return SCORES[name]

@@ -1,0 +1,113 @@
+import pytest
+import torch
+
+from conftest import tiny_model, weights_of
+from optimum_gblm import GBLMConfig, GBLMPruner
+from optimum_gblm.engine import prunable_modules, weight_matrix
+from optimum_gblm.masks import check_nm
+from optimum_gblm.sparsegpt import HessianStats, sparsegpt_prune
+
+
+def correlated_inputs(tokens=512, d_in=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(d_in, d_in, generator=g)
+    return torch.randn(tokens, d_in, generator=g) @ mixing
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_weight_update_reconstructs_better_than_masking_alone(nm):
+    X = correlated_inputs()
+    W = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+    stats = HessianStats(64, torch.device("cpu"))
+    stats.add_batch(X.unsqueeze(0))
+    updated, mask = sparsegpt_prune(W, stats.hessian, 0.5, nm, blocksize=16)
+    masked = W * mask
+    assert not torch.equal(updated, masked), "SparseGPT must change the weights it keeps"
+    assert torch.equal(updated == 0, ~mask | (updated == 0))
+    error_updated = (X @ W.T - X @ updated.T).norm()
+    error_masked = (X @ W.T - X @ masked.T).norm()
+    assert error_updated < 0.8 * error_masked
+    if nm:
+        assert check_nm(mask, *nm)
+    else:
+        assert (~mask).sum().item() == W.numel() // 2
+
+
+def test_hessian_running_form():
+    batches = [torch.randn(1, 5, 3), torch.randn(2, 5, 3)]
+    stats = HessianStats(3, torch.device("cpu"))
+    for b in batches:
+        stats.add_batch(b)
+    x = torch.cat(batches).reshape(-1, 3)
+    torch.testing.assert_close(stats.hessian, 2 / 3 * x.T @ x)
+
+
+def test_dead_inputs_are_zeroed():
+    X = correlated_inputs(d_in=16)
+    X[:, 3] = 0
+    stats = HessianStats(16, torch.device("cpu"))
+    stats.add_batch(X.unsqueeze(0))
+    updated, _ = sparsegpt_prune(torch.randn(8, 16), stats.hessian, 0.25)
+    assert torch.equal(updated[:, 3], torch.zeros(8))
+
+
+def test_a_broken_hessian_names_the_layer_and_never_gives_nan():
+    hessian = torch.full((8, 8), float("nan"))
+    with pytest.raises(FloatingPointError, match="model.layers.3.mlp.down_proj.*larger damping"):
+        sparsegpt_prune(torch.randn(4, 8), hessian, 0.5, name="model.layers.3.mlp.down_proj")
+    indefinite = -torch.eye(8)
+    indefinite[0, 0] = 1.0
+    with pytest.raises(FloatingPointError, match="not positive definite"):
+        sparsegpt_prune(torch.randn(4, 8), indefinite, 0.5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
+def test_sparsegpt_in_the_engine_gives_exact_sparsity(family, pattern):
+    model = tiny_model(family)
+    before = weights_of(model)
+    ids = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(0))
+    GBLMPruner(GBLMConfig(method="sparsegpt", pattern=pattern, sparsity=0.5), show_progress=False).prune(model, ids)
+    for name, module in prunable_modules(model).items():
+        weight = weight_matrix(module)
+        assert (weight == 0).sum().item() == weight.numel() // 2, name
+        if pattern != "unstructured":
+            assert check_nm(weight != 0, *map(int, pattern.split(":"))), name
+        kept = weight != 0
+        assert not torch.equal(weight[kept], weight_matrix_of(before, name, module)[kept]), "kept weights are updated"
+    assert torch.isfinite(torch.cat([p.flatten() for p in model.parameters()])).all()
+
+
+def weight_matrix_of(state, name, module):
+    weight = state[f"{name}.weight"]
+    return weight.t() if weight.shape != weight_matrix(module).shape else weight
+
+
+def test_seeded_sparsegpt_runs_are_deterministic(tokenizer):
+    from conftest import sample_text
+
+    results = []
+    for _ in range(2):
+        model = tiny_model("llama")
+        config = GBLMConfig(method="sparsegpt", pattern="2:4", num_samples=4, seqlen=16, seed=7)
+        GBLMPruner(config, show_progress=False).prune(model, [sample_text(500)], tokenizer=tokenizer)
+        results.append(weights_of(model))
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_sparsegpt_checkpoint_round_trips(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama")
+    GBLMPruner(GBLMConfig(method="sparsegpt"), show_progress=False).prune(model, torch.randint(0, 96, (4, 16)))
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert all(torch.equal(v, weights_of(model)[k]) for k, v in weights_of(loaded).items())
+    assert loaded.config.quantization_config.method == "sparsegpt"
+
+
+def test_config_checks_sparsegpt_settings():
+    with pytest.raises(ValueError, match="sparsegpt_damping must be a number > 0"):
+        GBLMConfig(method="sparsegpt", sparsegpt_damping=0)
+    with pytest.raises(ValueError, match="multiple of M=8"):
+        GBLMConfig(method="sparsegpt", pattern="4:8", sparsegpt_blocksize=12)
