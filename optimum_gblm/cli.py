@@ -58,6 +58,7 @@ def add_prune_arguments(prune: argparse.ArgumentParser) -> None:
     prune.add_argument("--use-variant", action="store_true", help="Wanda's variant (unstructured only)")
     prune.add_argument("--scope", default="row", choices=["row", "layer"], help="unstructured: per row or per matrix")
     prune.add_argument("--gradient-checkpointing", action="store_true")
+    prune.add_argument("--sparsity-profile", default="uniform", choices=["uniform", "owl"], help="OWL: per block")
     prune.add_argument("--sparsegpt-damping", type=float, default=0.01, help="SparseGPT: dampening of the Hessian")
     prune.add_argument("--cache-dir", default=None, help="gradient cache folder (default: $HF_HOME/optimum_gblm)")
     prune.add_argument("--no-cache", action="store_true", help="neither read nor write the gradient cache")
@@ -130,6 +131,7 @@ def run_prune(args: argparse.Namespace) -> int:
         dataset=calibration,
         gradient_checkpointing=args.gradient_checkpointing,
         sparsegpt_damping=args.sparsegpt_damping,
+        sparsity_profile=args.sparsity_profile,
     )
     model, tokenizer = _load(args)
     texts = {name: get_evaluation_tokens(name, tokenizer) for name in args.eval_data}

@@ -69,6 +69,8 @@ class GBLMConfig(QuantizationConfigMixin):
         tokenizer: tokenizer name or path, used to tokenize text calibration data.
         gradient_checkpointing: recompute activations in the gradient stage to save memory.
         sparsegpt_damping / sparsegpt_blocksize: SparseGPT's dampening (share of mean diag H) and column block.
+        sparsity_profile: "uniform" (every layer at `sparsity`) or "owl" (outlier-weighted per block, unstructured).
+        owl_threshold / owl_lambda: OWL's M (outlier = score above M x mean) and lambda (sparsity within +-lambda).
 
     Filled in by the pruner and saved with the checkpoint (`config.json`, `quantization_config`):
         base_model: the model that was pruned (name, GGUF file, licence when known).
@@ -94,6 +96,9 @@ class GBLMConfig(QuantizationConfigMixin):
     gradient_checkpointing: bool = False
     sparsegpt_damping: float = 0.01
     sparsegpt_blocksize: int = 128
+    sparsity_profile: str = "uniform"
+    owl_threshold: float = 5.0
+    owl_lambda: float = 0.08
     base_model: dict[str, Any] | None = None
     calibration: dict[str, Any] | None = None
     global_sparsity: float | None = None
@@ -191,6 +196,19 @@ class GBLMConfig(QuantizationConfigMixin):
         nm = self.nm
         if nm is not None and self.sparsegpt_blocksize % nm[1]:
             raise ValueError(f"sparsegpt_blocksize must be a multiple of M={nm[1]} for pattern {self.pattern!r}.")
+        if not isinstance(self.sparsity_profile, str) or self.sparsity_profile not in ("uniform", "owl"):
+            raise ValueError(f"sparsity_profile must be 'uniform' or 'owl', got {self.sparsity_profile!r}.")
+        if self.sparsity_profile == "owl" and nm is not None:
+            raise ValueError("sparsity_profile='owl' varies sparsity per block; it needs pattern='unstructured'.")
+        for name, value in (("owl_threshold", self.owl_threshold), ("owl_lambda", self.owl_lambda)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e6:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}.")
+        if self.sparsity_profile == "owl" and not (0 <= self.sparsity - self.owl_lambda and self.sparsity + self.owl_lambda < 1):
+            raise ValueError(
+                f"with owl_lambda={self.owl_lambda:g} per-block sparsity would leave [0, 1) around {self.sparsity:g}; "
+                f"lower owl_lambda."
+            )
+        self.owl_threshold, self.owl_lambda = float(self.owl_threshold), float(self.owl_lambda)
         self._validate_results()
 
     def _validate_results(self) -> None:

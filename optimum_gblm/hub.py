@@ -52,6 +52,8 @@ def reproduce_command(config: GBLMConfig) -> str:
         parts.append("--use-variant")
     if config.scope != "row":
         parts += ["--scope", config.scope]
+    if config.sparsity_profile != "uniform":
+        parts += ["--sparsity-profile", config.sparsity_profile]
     if config.method == "sparsegpt" and config.sparsegpt_damping != 0.01:
         parts += ["--sparsegpt-damping", f"{config.sparsegpt_damping:g}"]
     parts += ["--output", "OUTPUT_DIR"]

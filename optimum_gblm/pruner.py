@@ -15,12 +15,13 @@ from torch import nn
 
 from .config import GBLMConfig
 from .data import CalibrationSource, get_calibration_data, source_description
-from .engine import as_matrix, find_decoder_blocks, prunable_modules, run_layerwise, weight_matrix
+from .engine import InputStats, as_matrix, find_decoder_blocks, prunable_modules, run_layerwise, weight_matrix
 from .gradients import cached_gradient_norms, check_gradient_norms, load_gradient_norms
 from .integration import attach_masks, check_output_dir, save_pretrained_atomically
 from .masks import pack_mask, select_mask
 from .modeling import base_model_info, load_model, strip_gguf_quantization
 from .scores import ScoreSpec, get_score
+from .owl import OutlierMeter, block_of, owl_sparsities
 from .sparsegpt import SparseGPTPruner
 
 logger = logging.getLogger(__name__)
@@ -34,20 +35,22 @@ class ScorePruner:
         self.collects_inputs = score.needs_activations
         self.packed_masks: dict[str, torch.Tensor] = {}
         self.mask_shapes: dict[str, tuple[int, ...]] = {}
+        self.layer_sparsity: dict[str, float] = {}  # per-layer overrides (OWL); others use config.sparsity
 
     def new_stats(self, name: str, module: nn.Module):
-        from .engine import InputStats
-
         return InputStats(weight_matrix(module).shape[1], module.weight.device)
 
-    @torch.no_grad()
-    def prune_layer(self, name: str, module: nn.Module, stats: Any) -> None:
+    def scores_for(self, name: str, module: nn.Module, stats: Any) -> torch.Tensor:
         weight = weight_matrix(module)
         gradient = None
         if self.score.needs_gradients:
             gradient = as_matrix(module, self.gradient_norms[name]).to(weight.device)
-        scores = self.score.fn(weight, stats.sq_mean if stats is not None else None, gradient)
-        mask = select_mask(scores, self.config)
+        return self.score.fn(weight, stats.sq_mean if stats is not None else None, gradient)
+
+    @torch.no_grad()
+    def prune_layer(self, name: str, module: nn.Module, stats: Any) -> None:
+        weight = weight_matrix(module)
+        mask = select_mask(self.scores_for(name, module, stats), self.config, self.layer_sparsity.get(name))
         weight.masked_fill_(~mask, 0)
         # Stored bit-packed in the weight's own layout: 1/8 byte per weight, whatever the model size.
         self.packed_masks[name] = pack_mask(as_matrix(module, mask))
@@ -198,11 +201,24 @@ class GBLMPruner(OptimumQuantizer):
 
         tick = time.perf_counter()
         layer_pruner = SparseGPTPruner(config) if score is None else ScorePruner(config, score, norms)
-        if needs_activations:
-            run_layerwise(model, input_ids, layer_pruner, config.target_modules, show_progress=self.show_progress)
-        else:
-            for name, module in modules.items():
-                layer_pruner.prune_layer(name, module, None)
+
+        def run(pruner) -> None:
+            if needs_activations:
+                run_layerwise(model, input_ids, pruner, config.target_modules, show_progress=self.show_progress)
+            else:
+                for name, module in modules.items():
+                    pruner.prune_layer(name, module, None)
+
+        if config.sparsity_profile == "owl":
+            # One measuring pass over the dense model, then per-block sparsities for the pruning pass.
+            scorer = layer_pruner if score is not None else ScorePruner(config, get_score("wanda"), None)
+            meter = OutlierMeter(scorer.scores_for, config.owl_threshold)
+            run(meter)
+            meter.finish()
+            per_block = owl_sparsities(meter.outlier_share, meter.block_params, config.sparsity, config.owl_lambda)
+            layer_pruner.layer_sparsity = {name: per_block[block_of(name)] for name in modules}
+            logger.info("OWL per-block sparsity: %s", {b: round(v, 4) for b, v in per_block.items()})
+        run(layer_pruner)
         prune_seconds = time.perf_counter() - tick
 
         report = sparsity_report(modules)

@@ -110,6 +110,7 @@ class SparseGPTPruner:
         self.config = config
         self.packed_masks: dict[str, torch.Tensor] = {}
         self.mask_shapes: dict[str, tuple[int, ...]] = {}
+        self.layer_sparsity: dict[str, float] = {}  # per-layer overrides (OWL); others use config.sparsity
 
     def new_stats(self, name: str, module: nn.Module) -> HessianStats:
         return HessianStats(weight_matrix(module).shape[1], module.weight.device)
@@ -120,7 +121,7 @@ class SparseGPTPruner:
         updated, mask = sparsegpt_prune(
             weight,
             stats.hessian,
-            self.config.sparsity,
+            self.layer_sparsity.get(name, self.config.sparsity),
             self.config.nm,
             blocksize=self.config.sparsegpt_blocksize,
             damping=self.config.sparsegpt_damping,
