@@ -27,13 +27,17 @@ from optimum_gblm.gradients import cached_gradient_norms
 
 CALIBRATION_FILES = ["austen_emma.txt", "austen_mansfieldpark.txt", "austen_prideprejudice.txt", "austen_sensesensibility.txt"]
 EVALUATION_FILES = {"Northanger Abbey": "austen_northangerabbey.txt", "Debian handbook": "debian_handbook.txt"}
-# method label -> (score name, gradient norm)
+# method label -> GBLMConfig settings
 METHODS = {
-    "magnitude": ("magnitude", "l1"),
-    "wanda": ("wanda", "l1"),
-    "gblm-l1": ("gblm", "l1"),
-    "gblm-l2": ("gblm", "l2"),
+    "magnitude": {"method": "magnitude"},
+    "wanda": {"method": "wanda"},
+    "gblm-l1": {"method": "gblm", "gradient_norm": "l1"},
+    "gblm-l2": {"method": "gblm", "gradient_norm": "l2"},
+    "sparsegpt": {"method": "sparsegpt"},
+    "wanda-owl": {"method": "wanda", "sparsity_profile": "owl"},
+    "gblm-owl": {"method": "gblm", "gradient_norm": "l1", "sparsity_profile": "owl"},
 }
+DEFAULT_METHODS = "magnitude,wanda,gblm-l1,gblm-l2"
 
 
 class PeakRSS:
@@ -74,7 +78,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated calibration seeds")
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--eval-tokens", type=int, default=16384, help="tokens evaluated per text")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, from {','.join(METHODS)}")
     parser.add_argument("--patterns", default="unstructured,2:4,4:8")
     parser.add_argument("--sparsity", type=float, default=0.5, help="for unstructured")
     parser.add_argument("--output", default="benchmarks/results/compare_smollm2.md")
@@ -128,6 +132,22 @@ def main() -> None:
                 + " | ".join(f"{r['ppl'][l]:.2f}" for l in labels)
                 + f" | {r['prune_s']:.1f} | {r['gradient_s']} | {r['gradient_rss']} |"
             )
+        seeds = sorted({r["seed"] for r in rows if r["seed"] != "-"})
+        if len(seeds) > 1:
+            lines += ["", f"## Mean and spread over seeds {', '.join(map(str, seeds))}", ""]
+            lines.append("| method | pattern | n | " + " | ".join(f"ppl {l} mean +- std (min..max)" for l in labels) + " |")
+            lines.append("|" + "---|" * (3 + len(labels)))
+            groups: dict[tuple, list] = {}
+            for r in rows:
+                if r["seed"] != "-":
+                    groups.setdefault((r["method"], r["pattern"]), []).append(r)
+            for (method, pattern), group in groups.items():
+                cells = []
+                for l in labels:
+                    values = torch.tensor([r["ppl"][l] for r in group], dtype=torch.float64)
+                    std = values.std().item() if len(values) > 1 else 0.0
+                    cells.append(f"{values.mean():.2f} +- {std:.2f} ({values.min():.2f}..{values.max():.2f})")
+                lines.append(f"| {method} | {pattern} | {len(group)} | " + " | ".join(cells) + " |")
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
@@ -144,7 +164,7 @@ def main() -> None:
         for seed in (int(s) for s in args.seeds.split(",")):
             calibration = get_calibration_data(calibration_text, tokenizer, args.num_samples, args.seqlen, seed)
             gradient_stage = {}
-            for norm in sorted({METHODS[m][1] for m in methods if METHODS[m][0] == "gblm"}):
+            for norm in sorted({METHODS[m].get("gradient_norm", "l1") for m in methods if METHODS[m]["method"] == "gblm"}):
                 # Stage 1 once per norm; every pattern below reuses it through the cache.
                 model.load_state_dict(pristine)
                 with PeakRSS() as rss:
@@ -156,16 +176,16 @@ def main() -> None:
                 nm = parse_pattern(pattern)
                 sparsity = args.sparsity if nm is None else nm[0] / nm[1]
                 for label in methods:
-                    method, norm = METHODS[label]
-                    config = GBLMConfig(
-                        method=method,
-                        pattern=pattern,
-                        sparsity=sparsity,
-                        gradient_norm=norm,
-                        num_samples=args.num_samples,
-                        seqlen=args.seqlen,
-                        seed=seed,
-                    )
+                    settings = METHODS[label]
+                    method, norm = settings["method"], settings.get("gradient_norm", "l1")
+                    try:
+                        config = GBLMConfig(
+                            **settings, pattern=pattern, sparsity=sparsity, num_samples=args.num_samples,
+                            seqlen=args.seqlen, seed=seed,
+                        )
+                    except ValueError as error:  # e.g. OWL with an N:M pattern
+                        print(f"skipping {label} at {pattern}: {error}", flush=True)
+                        continue
                     model.load_state_dict(pristine)
                     pruner = GBLMPruner(config, cache_dir=cache_dir, show_progress=False)
                     pruner.prune(model, calibration)

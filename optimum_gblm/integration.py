@@ -266,6 +266,22 @@ def attach_masks(
     return quantizer
 
 
+def detach_masks(model: nn.Module) -> None:
+    """Forget earlier pruning state (masks, gradient hooks, save/push overrides) before pruning afresh: stale masks
+    would zero gradients of weights that are no longer pruned."""
+    for handle in getattr(model, "_gblm_gradient_hooks", []):
+        handle.remove()
+    model._gblm_gradient_hooks = []
+    for attribute in ("save_pretrained", "push_to_hub"):
+        model.__dict__.pop(attribute, None)
+    if isinstance(getattr(model, "hf_quantizer", None), GBLMHfQuantizer):
+        model.hf_quantizer = None
+        for attribute in ("is_quantized", "quantization_method"):
+            model.__dict__.pop(attribute, None)
+    if isinstance(getattr(model.config, "quantization_config", None), GBLMConfig):
+        del model.config.quantization_config
+
+
 def _zero_masked_gradient(quantizer: GBLMHfQuantizer, name: str):
     def hook(param: torch.Tensor) -> None:
         if param.grad is not None:

@@ -17,7 +17,7 @@ from .config import GBLMConfig
 from .data import CalibrationSource, get_calibration_data, source_description
 from .engine import InputStats, as_matrix, find_decoder_blocks, prunable_modules, run_layerwise, weight_matrix
 from .gradients import cached_gradient_norms, check_gradient_norms, load_gradient_norms
-from .integration import attach_masks, check_output_dir, save_pretrained_atomically
+from .integration import attach_masks, check_output_dir, detach_masks, save_pretrained_atomically
 from .masks import pack_mask, select_mask
 from .modeling import base_model_info, load_model, strip_gguf_quantization
 from .scores import ScoreSpec, get_score
@@ -175,6 +175,7 @@ class GBLMPruner(OptimumQuantizer):
                 seed=config.seed,
             )
 
+        detach_masks(model)  # a fresh prune replaces any earlier one
         norms = None
         gradient_seconds = 0.0
         if needs_gradients:

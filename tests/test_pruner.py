@@ -46,3 +46,15 @@ def test_config_and_kwargs_are_exclusive():
     with pytest.raises(ValueError, match="either a GBLMConfig or its fields"):
         GBLMPruner(GBLMConfig(), sparsity=0.5)
     assert GBLMPruner(method="wanda", pattern="2:4").config.pattern == "2:4"
+
+
+def test_repruning_a_restored_model_forgets_the_old_masks(calibration_ids):
+    """Restoring dense weights and pruning again must give the same result as pruning a fresh model."""
+    fresh, reused = tiny_model("llama"), tiny_model("llama")
+    dense = weights_of(reused)
+    GBLMPruner(GBLMConfig(pattern="2:4"), use_cache=False, show_progress=False).prune(reused, calibration_ids)
+    reused.load_state_dict(dense)
+    GBLMPruner(GBLMConfig(), use_cache=False, show_progress=False).prune(reused, calibration_ids)
+    GBLMPruner(GBLMConfig(), use_cache=False, show_progress=False).prune(fresh, calibration_ids)
+    assert unchanged(reused, weights_of(fresh))
+    assert reused.config.quantization_config.pattern == "unstructured"
