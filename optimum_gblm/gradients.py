@@ -89,6 +89,10 @@ def compute_gradient_norms(
     One forward/backward per sequence (batch size 1), labels = input ids, no optimizer step: weights are unchanged.
     `resume_from=(n, sums)` continues after the first n sequences from raw sums (|s g| or (s g)^2) saved earlier;
     `save_progress(n, sums)` is called with the raw sums at most every `progress_seconds` while running.
+
+    Under torch.distributed (e.g. `torchrun` or `accelerate launch`, process group initialised), sequence i goes to
+    rank i % world_size, and the raw sums are all-reduced (summed) before the l2 square root: every rank returns
+    the single-process result.
     """
     if norm not in ("l1", "l2"):
         raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}.")
@@ -125,10 +129,14 @@ def compute_gradient_norms(
             weight.requires_grad_(True)
             weight.grad = None
             handles.append(weight.register_post_accumulate_grad_hook(fold(name)))
+        rank, world = distributed_rank_and_size()
+        if world > 1 and (resume_from is not None or save_progress is not None):
+            raise ValueError("resuming a gradient stage is single-process only; run without a process group to resume.")
         last_saved = time.monotonic()
         with _EvalWithCheckpointing(model, gradient_checkpointing), torch.enable_grad():
             total = input_ids.shape[0]
-            for i in tqdm(range(first, total), desc="Gradient norms", initial=first, total=total, disable=not show_progress):
+            mine = [i for i in range(first, total) if i % world == rank]
+            for i in tqdm(mine, desc="Gradient norms", disable=not show_progress or rank != 0):
                 sequence = input_ids[i : i + 1].to(device)
                 loss = model(input_ids=sequence, labels=sequence, use_cache=False).loss
                 loss.backward()
@@ -142,6 +150,11 @@ def compute_gradient_norms(
             p.requires_grad_(flag)
             p.grad = None
 
+    if world > 1:
+        import torch.distributed as dist
+
+        for accumulator in accumulators.values():
+            dist.all_reduce(accumulator, op=dist.ReduceOp.SUM)  # l1: sums; l2: sums of squares
     for name, accumulator in accumulators.items():
         if norm == "l2":
             accumulator.sqrt_()
@@ -151,6 +164,15 @@ def compute_gradient_norms(
                 f"(dtype=torch.float32) or lower gradient_scale (now {scale:g})."
             )
     return accumulators
+
+
+def distributed_rank_and_size() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed process group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 # -- cache -----------------------------------------------------------------------------------------------------
@@ -264,7 +286,7 @@ def cached_gradient_norms(
         "scale": repr(float(scale)),
     }
     resume_from = None
-    if partial.is_file():
+    if partial.is_file() and distributed_rank_and_size()[1] == 1:
         try:
             info = cache_metadata(partial)
             if info.get("key") != key or info.get("state") != "partial":
@@ -282,7 +304,13 @@ def cached_gradient_norms(
         except OSError as error:  # progress is a convenience: a full disk must not stop the run
             logger.warning("could not save gradient progress to %s: %s", partial, error)
 
-    norms = compute(resume_from=resume_from, save_progress=save_progress, progress_seconds=progress_seconds)
+    rank, world = distributed_rank_and_size()
+    if world > 1:  # progress files are per process; a sharded run is not resumable
+        norms = compute()
+    else:
+        norms = compute(resume_from=resume_from, save_progress=save_progress, progress_seconds=progress_seconds)
+    if rank != 0:
+        return norms
     try:
         save_gradient_norms(norms, path, {**metadata, "state": "complete"})
         logger.info("gradient norms cached at %s", path)
