@@ -89,20 +89,37 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 # -- statistics ------------------------------------------------------------------------------------------------
-class InputStats:
-    """Wanda's running activation statistic a_j = (1/N) sum_{n,t} x_{ntj}^2 over N sequences."""
+class RunningStats:
+    """A per-sequence mean updated batch by batch, as the references do:
+    v <- v n/(n+b); n <- n+b; v <- v + contribution(X_batch) / n."""
 
-    def __init__(self, d_in: int, device: torch.device):
-        self.sq_mean = torch.zeros(d_in, dtype=torch.float32, device=device)
+    def __init__(self, value: torch.Tensor):
+        self.value = value
         self.num_sequences = 0
 
     def add_batch(self, inputs: torch.Tensor) -> None:
         batch = inputs.shape[0] if inputs.dim() == 3 else 1
-        x = inputs.reshape(-1, inputs.shape[-1]).float()
-        # Running form (as the reference): a <- a n/(n+b); n <- n+b; a <- a + ||X_batch||^2 / n.
-        self.sq_mean *= self.num_sequences / (self.num_sequences + batch)
+        rows = inputs.reshape(-1, inputs.shape[-1]).float()
+        self.value *= self.num_sequences / (self.num_sequences + batch)
         self.num_sequences += batch
-        self.sq_mean += x.pow(2).sum(dim=0) / self.num_sequences
+        self.value += self.contribution(rows) / self.num_sequences
+
+    def contribution(self, rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class InputStats(RunningStats):
+    """Wanda's activation statistic a_j = (1/N) sum_{n,t} x_{ntj}^2 over N sequences."""
+
+    def __init__(self, d_in: int, device: torch.device):
+        super().__init__(torch.zeros(d_in, dtype=torch.float32, device=device))
+
+    def contribution(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.pow(2).sum(dim=0)
+
+    @property
+    def sq_mean(self) -> torch.Tensor:
+        return self.value
 
 
 class LayerPruner(Protocol):

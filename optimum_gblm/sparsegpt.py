@@ -13,24 +13,22 @@ import torch
 from torch import nn
 
 from .config import GBLMConfig
-from .engine import as_matrix, weight_matrix
+from .engine import RunningStats, as_matrix, weight_matrix
 from .masks import pack_mask
 
 
-class HessianStats:
-    """Running H = (2/N) sum_n X_n^T X_n over N sequences."""
+class HessianStats(RunningStats):
+    """H = (2/N) sum_n X_n^T X_n over N sequences."""
 
     def __init__(self, d_in: int, device: torch.device):
-        self.hessian = torch.zeros(d_in, d_in, dtype=torch.float32, device=device)
-        self.num_sequences = 0
+        super().__init__(torch.zeros(d_in, d_in, dtype=torch.float32, device=device))
 
-    def add_batch(self, inputs: torch.Tensor) -> None:
-        batch = inputs.shape[0] if inputs.dim() == 3 else 1
-        x = inputs.reshape(-1, inputs.shape[-1]).float()
-        self.hessian *= self.num_sequences / (self.num_sequences + batch)
-        self.num_sequences += batch
-        x = x * (2 / self.num_sequences) ** 0.5
-        self.hessian += x.t() @ x
+    def contribution(self, rows: torch.Tensor) -> torch.Tensor:
+        return 2 * rows.t() @ rows
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        return self.value
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damping: float, name: str = "layer") -> torch.Tensor:

@@ -13,47 +13,30 @@ HIDDEN = 32
 LAYERS = 2
 
 
+# family -> (config class, model class, config kwargs); all tiny: 2 blocks, hidden 32
+_GQA = dict(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2)
+_ARCHITECTURES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", _GQA),
+    "mistral": ("MistralConfig", "MistralForCausalLM", _GQA),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", _GQA),
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(
+        hidden_size=HIDDEN, ffn_dim=64, num_hidden_layers=LAYERS, num_attention_heads=4, word_embed_proj_dim=HIDDEN,
+        max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(
+        n_embd=HIDDEN, n_layer=LAYERS, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2)),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(
+        hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+        max_position_embeddings=128, bos_token_id=1, eos_token_id=2)),
+}
+
+
 def _tiny(family: str):
-    common = dict(vocab_size=VOCAB)
-    if family == "llama":
-        config = transformers.LlamaConfig(
-            hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
-            num_key_value_heads=2, **common,
-        )
-        return transformers.LlamaForCausalLM(config)
-    if family == "mistral":
-        config = transformers.MistralConfig(
-            hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
-            num_key_value_heads=2, **common,
-        )
-        return transformers.MistralForCausalLM(config)
-    if family == "qwen2":
-        config = transformers.Qwen2Config(
-            hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
-            num_key_value_heads=2, **common,
-        )
-        return transformers.Qwen2ForCausalLM(config)
-    if family == "opt":
-        config = transformers.OPTConfig(
-            hidden_size=HIDDEN, ffn_dim=64, num_hidden_layers=LAYERS, num_attention_heads=4, word_embed_proj_dim=HIDDEN,
-            max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0, **common,
-        )
-        return transformers.OPTForCausalLM(config)
-    if family == "gpt2":
-        config = transformers.GPT2Config(
-            n_embd=HIDDEN, n_layer=LAYERS, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2, **common
-        )
-        return transformers.GPT2LMHeadModel(config)
-    if family == "gpt_neox":
-        config = transformers.GPTNeoXConfig(
-            hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
-            max_position_embeddings=128, bos_token_id=1, eos_token_id=2, **common,
-        )
-        return transformers.GPTNeoXForCausalLM(config)
-    raise ValueError(family)
+    config_class, model_class, kwargs = _ARCHITECTURES[family]
+    config = getattr(transformers, config_class)(vocab_size=VOCAB, **kwargs)
+    return getattr(transformers, model_class)(config)
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "opt", "gpt2", "gpt_neox"]
+FAMILIES = list(_ARCHITECTURES)
 
 
 def tiny_model(family: str = "llama", seed: int = 0):
