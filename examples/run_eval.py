@@ -43,7 +43,9 @@ def main() -> None:
 
     out = Path(output_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    staging = out / ".eval_results.json.tmp"  # written whole, then renamed: never a half-written result
+    staging.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(staging, out / "eval_results.json")
     print(json.dumps(results, indent=2))
     folder = model_args.model_name_or_path
     if pruned and eval_args.write_model_card and folder and os.path.isdir(folder):

@@ -135,3 +135,20 @@ def test_bad_multiple_choice_files(tmp_path, line, message):
     path.write_text(line + "\n")
     with pytest.raises(ValueError, match=message):
         load_multiple_choice(str(path))
+
+
+def test_local_scorer_agrees_with_lm_evaluation_harness(tokenizer):
+    """Where lm-eval is installed, its log-likelihood of a choice equals ours: the offline path scores the same way."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from optimum_gblm.evaluation import choice_log_likelihood
+
+    model = tiny_model("llama")
+    harness = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
+    pairs = [("a single", " man"), ("it is a truth universally", " acknowledged that"), ("of a", " wife")]
+    requests = [Instance(request_type="loglikelihood", doc={}, arguments=pair, idx=i) for i, pair in enumerate(pairs)]
+    theirs = [value for value, _ in harness.loglikelihood(requests)]
+    ours = [choice_log_likelihood(model, tokenizer, context, continuation) for context, continuation in pairs]
+    assert ours == pytest.approx(theirs, abs=1e-4)
