@@ -13,7 +13,9 @@ import errno
 import hashlib
 import logging
 import os
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -70,6 +72,35 @@ class _EvalWithCheckpointing:
             disable = getattr(self.model, "activation_checkpointing_disable", None) or self.model.gradient_checkpointing_disable
             disable()
         self.model.train(self.was_training)
+
+
+class _DeferredInterrupts:
+    """Ctrl-C (SIGINT) and `kill` (SIGTERM) take effect between sequences, never inside a backward pass: the
+    accumulators then hold whole sequences and the progress saved just before stopping is exact."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        if self.enabled:
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self._previous[number] = signal.signal(number, self._remember)
+        return self
+
+    def _remember(self, number, frame) -> None:
+        self.received = number
+
+    def raise_if_received(self) -> None:
+        if self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.received is not None:
+            raise SystemExit(128 + self.received)
+
+    def __exit__(self, *exc):
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
 
 
 def compute_gradient_norms(
@@ -133,16 +164,20 @@ def compute_gradient_norms(
         if world > 1 and (resume_from is not None or save_progress is not None):
             raise ValueError("resuming a gradient stage is single-process only; run without a process group to resume.")
         last_saved = time.monotonic()
-        with _EvalWithCheckpointing(model, gradient_checkpointing), torch.enable_grad():
+        with _EvalWithCheckpointing(model, gradient_checkpointing), torch.enable_grad(), _DeferredInterrupts(
+            enabled=save_progress is not None
+        ) as interrupts:
             total = input_ids.shape[0]
             mine = [i for i in range(first, total) if i % world == rank]
             for i in tqdm(mine, desc="Gradient norms", disable=not show_progress or rank != 0):
                 sequence = input_ids[i : i + 1].to(device)
                 loss = model(input_ids=sequence, labels=sequence, use_cache=False).loss
                 loss.backward()
-                if save_progress is not None and i + 1 < total and time.monotonic() - last_saved >= progress_seconds:
+                due = time.monotonic() - last_saved >= progress_seconds or interrupts.received is not None
+                if save_progress is not None and i + 1 < total and due:
                     save_progress(i + 1, accumulators)
                     last_saved = time.monotonic()
+                interrupts.raise_if_received()
     finally:
         for handle in handles:
             handle.remove()

@@ -201,3 +201,43 @@ def test_cli_rejects_malformed_values_cleanly(tmp_path, monkeypatch, capsys, spa
     err = capsys.readouterr().err
     assert "optimum-gblm prune: error:" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_kill_or_ctrl_c_saves_progress_at_the_last_completed_sequence(tmp_path, signal_name):
+    cache = tmp_path / "cache"
+    path = tmp_path / "victim.py"
+    path.write_text(textwrap.dedent(f"""
+        import os, signal, torch
+        from conftest import tiny_model
+        from optimum_gblm.engine import prunable_modules
+        from optimum_gblm.gradients import cached_gradient_norms
+        model = tiny_model("llama")
+        ids = torch.randint(0, 96, (6, 16), generator=torch.Generator().manual_seed(3))
+        calls = []
+        def interrupt_third(module, args):
+            calls.append(1)
+            if len(calls) == 3:  # arrives in the middle of sequence 3
+                os.kill(os.getpid(), signal.{signal_name})
+        model.model.layers[0].register_forward_pre_hook(interrupt_third)
+        cached_gradient_norms(model, ids, prunable_modules(model), cache_dir={str(cache)!r}, show_progress=False,
+                              progress_seconds=10**6)
+    """))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
+    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode != 0
+    model = tiny_model("llama")
+    modules = prunable_modules(model)
+    ids = torch.randint(0, 96, (6, 16), generator=torch.Generator().manual_seed(3))
+    key = cache_key(model, modules, ids, "l1", 100.0)
+    from optimum_gblm.gradients import cache_metadata
+
+    assert cache_metadata(cache / f"{key}.partial.safetensors")["completed"] == "3"
+    seen = []
+    hook = model.model.layers[0].register_forward_pre_hook(lambda m, a: seen.append(1))
+    resumed = cached_gradient_norms(model, ids, modules, cache_dir=cache, show_progress=False)
+    hook.remove()
+    assert len(seen) == 3
+    expected = compute_gradient_norms(model, ids, modules, show_progress=False)
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=1e-6, atol=1e-7)
