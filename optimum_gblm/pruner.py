@@ -156,7 +156,6 @@ class GBLMPruner(OptimumQuantizer):
         # Check everything before touching the model: bad input must leave it as it was.
         find_decoder_blocks(model)
         modules = prunable_modules(model, config.target_modules)
-        strip_gguf_quantization(model)
 
         input_ids = None
         if needs_activations or needs_gradients:
@@ -175,6 +174,7 @@ class GBLMPruner(OptimumQuantizer):
                 seed=config.seed,
             )
 
+        strip_gguf_quantization(model)  # GGUF's quantizer state would clash with ours
         detach_masks(model)  # a fresh prune replaces any earlier one
         norms = None
         gradient_seconds = 0.0
