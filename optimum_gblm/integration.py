@@ -251,7 +251,7 @@ def attach_masks(
     quantizer.packed_masks, quantizer.mask_shapes = dict(packed_masks), dict(shapes)
     if verify:
         check_weights_match_masks(model, quantizer)
-        check_recorded_sparsity(model, config)
+        check_recorded_sparsity(model, config, quantizer)
     for handle in getattr(model, "_gblm_gradient_hooks", []):
         handle.remove()
     model._gblm_gradient_hooks = [
@@ -290,16 +290,20 @@ def _zero_masked_gradient(quantizer: GBLMHfQuantizer, name: str):
     return hook
 
 
-def check_recorded_sparsity(model: nn.Module, config: GBLMConfig) -> None:
+def check_recorded_sparsity(model: nn.Module, config: GBLMConfig, quantizer: GBLMHfQuantizer) -> None:
     from .pruner import sparsity_report
 
     recorded = config.layer_sparsity or {}
-    measured = sparsity_report({name: model.get_submodule(name) for name in recorded})["layer_sparsity"]
+    unknown = sorted(set(recorded) - set(quantizer.packed_masks))
+    if unknown:
+        raise ValueError(f"layer_sparsity in config.json names {unknown[0]}, which has no mask: config.json was edited.")
+    modules = {name: model.get_submodule(name) for name in recorded}
+    measured = sparsity_report(modules, {name: quantizer.mask(name) for name in recorded})["layer_sparsity"]
     wrong = [name for name in recorded if abs(measured[name] - recorded[name]) > 1e-6]
     if wrong:
         raise ValueError(
-            f"layer_sparsity in config.json says {recorded[wrong[0]]} for {wrong[0]} but its weights have "
-            f"{measured[wrong[0]]}: config.json was edited or belongs to other weights."
+            f"layer_sparsity in config.json says {recorded[wrong[0]]} for {wrong[0]} but its mask prunes "
+            f"{measured[wrong[0]]}: config.json was edited or belongs to other masks."
         )
 
 

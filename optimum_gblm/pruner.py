@@ -18,7 +18,7 @@ from .data import CalibrationSource, get_calibration_data, source_description
 from .engine import InputStats, as_matrix, find_decoder_blocks, prunable_modules, run_layerwise, weight_matrix
 from .gradients import cached_gradient_norms, check_gradient_norms, load_gradient_norms
 from .integration import attach_masks, check_output_dir, detach_masks, save_pretrained_atomically
-from .masks import pack_mask, select_mask
+from .masks import pack_mask, select_mask, unpack_mask
 from .modeling import base_model_info, load_model, strip_gguf_quantization
 from .scores import ScoreSpec, get_score
 from .owl import OutlierMeter, block_of, owl_sparsities
@@ -222,7 +222,10 @@ class GBLMPruner(OptimumQuantizer):
         run(layer_pruner)
         prune_seconds = time.perf_counter() - tick
 
-        report = sparsity_report(modules)
+        report = sparsity_report(
+            modules,
+            {n: unpack_mask(p, layer_pruner.mask_shapes[n]) for n, p in layer_pruner.packed_masks.items()},
+        )
         calibration_record = None
         if input_ids is not None:
             calibration_record = {
@@ -264,16 +267,22 @@ class GBLMPruner(OptimumQuantizer):
         return model
 
 
-def sparsity_report(modules: dict[str, nn.Module]) -> dict[str, Any]:
-    """Measured share of exact zeros, per layer and over all prunable weights."""
-    zeros = total = 0
+def sparsity_report(
+    modules: dict[str, nn.Module], masks: dict[str, torch.Tensor] | None = None
+) -> dict[str, Any]:
+    """Share of pruned weights per layer and over all of them: from keep-masks when given, else the exact zeros.
+
+    Masks are what pruning removed; zeros can also include kept weights that happen to be 0.0 (dequantized GGUF
+    weights have some) and that fine-tuning may move.
+    """
+    pruned = total = 0
     per_layer = {}
     for name, module in modules.items():
-        layer_zeros = int((module.weight == 0).sum())
-        per_layer[name] = round(layer_zeros / module.weight.numel(), 6)
-        zeros += layer_zeros
+        layer_pruned = int((~masks[name]).sum()) if masks is not None else int((module.weight == 0).sum())
+        per_layer[name] = round(layer_pruned / module.weight.numel(), 6)
+        pruned += layer_pruned
         total += module.weight.numel()
-    return {"global_sparsity": round(zeros / total, 6), "layer_sparsity": per_layer}
+    return {"global_sparsity": round(pruned / total, 6), "layer_sparsity": per_layer}
 
 
 def prune(

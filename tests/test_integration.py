@@ -195,3 +195,21 @@ def test_pruning_at_load_without_data_is_refused(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="pruning while loading needs calibration data"):
         AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=GBLMConfig())
+
+
+def test_kept_weights_that_are_exactly_zero_may_move(tmp_path):
+    """Dequantized checkpoints hold some exact zeros; pruning keeps a few of them and fine-tuning may move them.
+    Sparsity is what the masks prune, so that is neither a violation nor a mismatch on load."""
+    model = tiny_model("llama")
+    layer = model.model.layers[0].mlp.up_proj
+    with torch.no_grad():
+        layer.weight[0, 0:3] = 0.0  # three zeros in one group of 4: 2:4 prunes two of them, keeps one
+    GBLMPruner(GBLMConfig(method="magnitude", pattern="2:4")).prune(model)
+    assert model.config.quantization_config.global_sparsity == 0.5
+    kept_zero = (model.hf_quantizer.mask("model.layers.0.mlp.up_proj") & (layer.weight == 0)).nonzero()
+    assert len(kept_zero) == 1
+    with torch.no_grad():
+        layer.weight[tuple(kept_zero[0])] = 0.25  # as a training step could
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.model.layers[0].mlp.up_proj.weight[tuple(kept_zero[0])] == 0.25
