@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Iterable, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -234,7 +234,3 @@ def _run_block(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict
         if out is not None:
             out[i : i + 1] = result
 
-
-def iter_weight_matrices(modules: dict[str, nn.Module]) -> Iterable[tuple[str, torch.Tensor]]:
-    for name, module in modules.items():
-        yield name, weight_matrix(module)

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import sample_text, tiny_model

@@ -1,6 +1,5 @@
 """The gradient stage sharded over processes (gloo on CPU) equals the single-process result."""
 
-import os
 import sys
 from pathlib import Path
 

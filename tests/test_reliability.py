@@ -17,7 +17,6 @@ from transformers import AutoModelForCausalLM
 
 from conftest import tiny_model
 from optimum_gblm import GBLMConfig, GBLMPruner, load_model
-from optimum_gblm import gradients as gradients_module
 from optimum_gblm.engine import prunable_modules
 from optimum_gblm.gradients import cache_key, cached_gradient_norms, compute_gradient_norms
 
