@@ -39,7 +39,7 @@ class PruningArguments:
     sparsity: float = 0.5
     pattern: str = field(default="unstructured", metadata={"help": "'unstructured' or N:M such as 2:4"})
     gradient_norm: str = "l1"
-    gradient_scale: float = 100.0
+    alpha: str = field(default="100", metadata={"help": "gradient-term weight: a number >= 0 or 'auto'"})
     num_samples: int = 128
     seqlen: int = 2048
     calibration_seed: int = 0
@@ -49,13 +49,14 @@ class PruningArguments:
 
     def to_config(self, dataset: str | None = None):
         from optimum_gblm import GBLMConfig
+        from optimum_gblm.config import parse_alpha
 
         return GBLMConfig(
             method=self.method,
             sparsity=self.sparsity,
             pattern=self.pattern,
             gradient_norm=self.gradient_norm,
-            gradient_scale=self.gradient_scale,
+            alpha=parse_alpha(self.alpha),
             num_samples=self.num_samples,
             seqlen=self.seqlen,
             seed=self.calibration_seed,

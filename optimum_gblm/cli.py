@@ -9,10 +9,17 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .config import GBLMConfig
+from .config import GBLMConfig, parse_alpha
 from .scores import METHODS
 
 logger = logging.getLogger("optimum_gblm")
+
+
+def _alpha(text: str) -> float | str:
+    try:
+        return parse_alpha(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser, required: bool = False) -> None:
@@ -45,7 +52,12 @@ def add_prune_arguments(prune: argparse.ArgumentParser) -> None:
     prune.add_argument("--sparsity", type=float, default=0.5, help="share of weights removed (N:M: must be N/M)")
     prune.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M such as 2:4, 4:8")
     prune.add_argument("--gradient-norm", default="l1", choices=["l1", "l2"])
-    prune.add_argument("--gradient-scale", type=float, default=100.0, help="scale inside the gradient norm (alpha)")
+    prune.add_argument(
+        "--alpha",
+        type=_alpha,
+        default=100.0,
+        help="weight of the gradient term: a number >= 0 (the paper's 100; 0 = Wanda) or 'auto' (per-layer scale match)",
+    )
     prune.add_argument(
         "--calibration",
         default=None,
@@ -121,7 +133,7 @@ def run_prune(args: argparse.Namespace) -> int:
         sparsity=args.sparsity,
         pattern=args.pattern,
         gradient_norm=args.gradient_norm,
-        gradient_scale=args.gradient_scale,
+        alpha=args.alpha,
         num_samples=args.num_samples,
         seqlen=args.seqlen,
         seed=args.seed,

@@ -15,7 +15,11 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, regis
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 GRADIENT_NORMS = ("l1", "l2")
-RESULT_FIELDS = ("base_model", "calibration", "global_sparsity", "layer_sparsity", "masks_checksum", "evaluation")
+RESULT_FIELDS = (
+    "base_model", "calibration", "global_sparsity", "layer_sparsity", "layer_alpha", "masks_checksum", "evaluation"
+)
+# Keys of earlier versions that from_dict still reads: old name -> new name.
+RENAMED_KEYS = {"gradient_scale": "alpha"}
 SCOPES = ("row", "layer")
 
 
@@ -39,6 +43,19 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     raise ValueError(f"pattern {pattern!r} is not understood: use 'unstructured' or an N:M pattern such as '2:4'.")
 
 
+def parse_alpha(value: str | float) -> float | str:
+    """alpha from a command line or a form: "auto" or a number >= 0."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        alpha = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"alpha must be a number >= 0 (default 100; 0 is Wanda) or 'auto', got {value!r}.") from None
+    if not math.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"alpha must be a number >= 0 (default 100; 0 is Wanda) or 'auto', got {value!r}.")
+    return alpha
+
+
 def _check_int(name: str, value: Any, minimum: int) -> None:
     # bool is an int subclass; `num_samples=True` is a mistake, not 1.
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -55,7 +72,8 @@ class GBLMConfig(QuantizationConfigMixin):
         sparsity: share of each layer's weights removed, in [0, 1). With an N:M pattern it must equal N/M.
         pattern: "unstructured" or N:M such as "2:4" / "4:8" (N removed in every M consecutive inputs of a row).
         gradient_norm: "l1" (the paper's headline) or "l2" accumulation of per-sequence gradients.
-        gradient_scale: the scale s inside the norm (`sum |s g|`, `sqrt(sum (s g)^2)`); the paper's alpha, 100.
+        alpha: weight of the gradient term, a number >= 0 (the paper's 100; 0 is Wanda) or "auto": per layer,
+            median(||X||/sqrt(N)) / median(G), which puts both terms on the same scale (see `scores.auto_alpha`).
         num_samples: number of calibration sequences N (reference: 128).
         seqlen: tokens per calibration sequence T (reference: 2048).
         seed: seed for drawing calibration windows.
@@ -76,6 +94,7 @@ class GBLMConfig(QuantizationConfigMixin):
         base_model: the model that was pruned (name, GGUF file, licence when known).
         calibration: source, num_samples, seqlen and seed of the calibration data actually used.
         global_sparsity / layer_sparsity: the measured share of zeros, overall and per pruned layer.
+        layer_alpha: with alpha="auto", the alpha each layer was scored with.
         masks_file / masks_checksum: the bit-packed masks beside the weights and the sha256 of their bits.
         evaluation: perplexity measurements (text, seqlen, tokens, dense and pruned ppl), see `record_evaluation`.
     """
@@ -84,7 +103,7 @@ class GBLMConfig(QuantizationConfigMixin):
     sparsity: float = 0.5
     pattern: str = "unstructured"
     gradient_norm: str = "l1"
-    gradient_scale: float = 100.0
+    alpha: float | str = 100.0
     num_samples: int = 128
     seqlen: int = 2048
     seed: int = 0
@@ -103,6 +122,7 @@ class GBLMConfig(QuantizationConfigMixin):
     calibration: dict[str, Any] | None = None
     global_sparsity: float | None = None
     layer_sparsity: dict[str, float] | None = None
+    layer_alpha: dict[str, float] | None = None
     masks_file: str = "gblm_masks.safetensors"
     masks_checksum: str | None = None
     evaluation: list[dict[str, Any]] | None = None
@@ -136,14 +156,17 @@ class GBLMConfig(QuantizationConfigMixin):
                 raise ValueError("scope='layer' only applies to pattern='unstructured'; N:M masks are per row.")
         if not isinstance(self.gradient_norm, str) or self.gradient_norm not in GRADIENT_NORMS:
             raise ValueError(f"gradient_norm must be one of {GRADIENT_NORMS}, got {self.gradient_norm!r}.")
-        if (
-            isinstance(self.gradient_scale, bool)
-            or not isinstance(self.gradient_scale, (int, float))
-            or not math.isfinite(self.gradient_scale)
-            or self.gradient_scale <= 0
-        ):
-            raise ValueError(f"gradient_scale must be a finite number > 0 (default 100), got {self.gradient_scale!r}.")
-        self.gradient_scale = float(self.gradient_scale)
+        if self.alpha != "auto":
+            if (
+                isinstance(self.alpha, bool)
+                or not isinstance(self.alpha, (int, float))
+                or not math.isfinite(self.alpha)
+                or self.alpha < 0
+            ):
+                raise ValueError(
+                    f"alpha must be a finite number >= 0 (default 100; 0 is Wanda) or 'auto', got {self.alpha!r}."
+                )
+            self.alpha = float(self.alpha)
         _check_int("num_samples", self.num_samples, 1)
         _check_int("seqlen", self.seqlen, 2)
         _check_int("seed", self.seed, 0)
@@ -226,6 +249,14 @@ class GBLMConfig(QuantizationConfigMixin):
             or not all(isinstance(k, str) and number(v) for k, v in self.layer_sparsity.items())
         ):
             raise ValueError("layer_sparsity must map layer names to numbers in [0, 1].")
+        if self.layer_alpha is not None and (
+            not isinstance(self.layer_alpha, dict)
+            or not all(
+                isinstance(k, str) and not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
+                for k, v in self.layer_alpha.items()
+            )
+        ):
+            raise ValueError("layer_alpha must map layer names to finite numbers >= 0.")
         if self.masks_checksum is not None and not (
             isinstance(self.masks_checksum, str) and re.fullmatch(r"[0-9a-f]{64}", self.masks_checksum)
         ):
@@ -260,6 +291,11 @@ class GBLMConfig(QuantizationConfigMixin):
         if not isinstance(config_dict, dict):
             raise ValueError(f"GBLMConfig.from_dict needs a dict, got {type(config_dict).__name__}.")
         values = {**config_dict, **kwargs}
+        for old, new in RENAMED_KEYS.items():
+            if old in values:
+                if new in values:
+                    raise ValueError(f"GBLMConfig got both {old!r} and its new name {new!r}; keep only {new!r}.")
+                values[new] = values.pop(old)
         quant_method = values.pop("quant_method", "gblm")
         if quant_method != "gblm":
             raise ValueError(f"quant_method is {quant_method!r}; a GBLMConfig always has quant_method='gblm'.")

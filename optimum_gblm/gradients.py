@@ -108,7 +108,7 @@ def compute_gradient_norms(
     input_ids: torch.Tensor,
     modules: dict[str, nn.Module],
     norm: str = "l1",
-    scale: float = 100.0,
+    scale: float = 1.0,
     gradient_checkpointing: bool = False,
     show_progress: bool = True,
     resume_from: tuple[int, dict[str, torch.Tensor]] | None = None,
@@ -195,8 +195,8 @@ def compute_gradient_norms(
             accumulator.sqrt_()
         if not torch.isfinite(accumulator).all():
             raise FloatingPointError(
-                f"gradient norms of {name} contain NaN or inf. Load the model in float32 "
-                f"(dtype=torch.float32) or lower gradient_scale (now {scale:g})."
+                f"gradient norms of {name} contain NaN or inf. Load the model in float32 (dtype=torch.float32)"
+                + (f" or lower the scale (now {scale:g})." if scale != 1.0 else "; its half-precision gradients overflowed.")
             )
     return accumulators
 
@@ -280,7 +280,7 @@ def cached_gradient_norms(
     input_ids: torch.Tensor,
     modules: dict[str, nn.Module],
     norm: str = "l1",
-    scale: float = 100.0,
+    scale: float = 1.0,
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
     gradient_checkpointing: bool = False,

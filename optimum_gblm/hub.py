@@ -45,7 +45,7 @@ def reproduce_command(config: GBLMConfig) -> str:
             parts += ["--calibration", source]
         parts += ["--num-samples", str(config.num_samples), "--seqlen", str(config.seqlen), "--seed", str(config.seed)]
     if config.method in ("gblm", "gradient", "gblm_inverse"):
-        parts += ["--gradient-norm", config.gradient_norm, "--gradient-scale", f"{config.gradient_scale:g}"]
+        parts += ["--gradient-norm", config.gradient_norm, "--alpha", config.alpha if config.alpha == "auto" else f"{config.alpha:g}"]
     if config.target_modules:
         parts += ["--target-modules", *config.target_modules]
     if config.use_variant:

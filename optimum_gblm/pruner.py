@@ -20,7 +20,7 @@ from .gradients import cached_gradient_norms, check_gradient_norms, load_gradien
 from .integration import attach_masks, check_output_dir, detach_masks, save_pretrained_atomically
 from .masks import pack_mask, select_mask, unpack_mask
 from .modeling import base_model_info, load_model, strip_gguf_quantization
-from .scores import ScoreSpec, get_score
+from .scores import ScoreSpec, auto_alpha, get_score
 from .owl import OutlierMeter, block_of, owl_sparsities
 from .sparsegpt import SparseGPTPruner
 
@@ -36,16 +36,24 @@ class ScorePruner:
         self.packed_masks: dict[str, torch.Tensor] = {}
         self.mask_shapes: dict[str, tuple[int, ...]] = {}
         self.layer_sparsity: dict[str, float] = {}  # per-layer overrides (OWL); others use config.sparsity
+        self.layer_alpha: dict[str, float] = {}  # alpha each layer was scored with, when alpha="auto"
 
     def new_stats(self, name: str, module: nn.Module):
         return InputStats(weight_matrix(module).shape[1], module.weight.device)
 
     def scores_for(self, name: str, module: nn.Module, stats: Any) -> torch.Tensor:
         weight = weight_matrix(module)
+        input_sq_mean = stats.sq_mean if stats is not None else None
         gradient = None
         if self.score.needs_gradients:
             gradient = as_matrix(module, self.gradient_norms[name]).to(weight.device)
-        return self.score.fn(weight, stats.sq_mean if stats is not None else None, gradient)
+            # alpha only matters where the gradient term is weighed against the activation term.
+            if self.score.needs_activations:
+                alpha = self.config.alpha
+                if alpha == "auto":
+                    alpha = self.layer_alpha[name] = auto_alpha(input_sq_mean, gradient)
+                gradient = gradient * alpha
+        return self.score.fn(weight, input_sq_mean, gradient)
 
     @torch.no_grad()
     def prune_layer(self, name: str, module: nn.Module, stats: Any) -> None:
@@ -191,8 +199,7 @@ class GBLMPruner(OptimumQuantizer):
                     model,
                     input_ids,
                     modules,
-                    norm=config.gradient_norm,
-                    scale=config.gradient_scale,
+                    norm=config.gradient_norm,  # stored without alpha: one cache serves every alpha
                     cache_dir=self.cache_dir,
                     use_cache=self.use_cache,
                     gradient_checkpointing=config.gradient_checkpointing,
@@ -242,6 +249,7 @@ class GBLMPruner(OptimumQuantizer):
                 "base_model": base_model_info(model),
                 "calibration": calibration_record,
                 **report,
+                "layer_alpha": dict(layer_pruner.layer_alpha) if config.alpha == "auto" and score is not None else None,
                 "masks_checksum": None,
             }
         )

@@ -3,7 +3,7 @@
 Every score takes
     weight:         (d_out, d_in) tensor
     input_sq_mean:  (d_in,) Wanda's activation statistic a_j = (1/N) sum_{n,t} x_{ntj}^2, or None
-    gradient_norms: (d_out, d_in) accumulated G (scale already inside), or None
+    gradient_norms: (d_out, d_in) accumulated G, already multiplied by alpha, or None
 and returns a float32 (d_out, d_in) tensor. A new score is one function plus its `@register_score` line.
 """
 
@@ -58,7 +58,7 @@ def wanda_score(weight, input_sq_mean, gradient_norms=None):
 
 @register_score("gblm", needs_activations=True, needs_gradients=True)
 def gblm_score(weight, input_sq_mean, gradient_norms):
-    # |W| * sqrt(a) + |W| * G: the reference form, scale s already inside G.
+    # |W| * sqrt(a) + |W| * alpha G: the reference form; the caller has multiplied G by alpha.
     return weight.float().abs() * (_activation_norms(input_sq_mean) + gradient_norms.float())
 
 
@@ -74,6 +74,24 @@ def gblm_inverse_score(weight, input_sq_mean, gradient_norms):
 
 # SparseGPT updates the weights it keeps, so it is a method but not a score (see sparsegpt.py).
 METHODS.add("sparsegpt")
+
+
+def auto_alpha(input_sq_mean: torch.Tensor, gradient_norms: torch.Tensor) -> float:
+    """alpha="auto" for one layer: median_j sqrt(a_j) / median_ij G_ij, so that alpha G has the activation term's
+    typical size and neither term decides alone.
+
+    Medians rather than means: both terms are heavy-tailed (outlier features, a few large gradients) and the rule
+    should balance the bulk of weights that pruning chooses among. A zero median (mostly-dead inputs or gradients)
+    falls back to the mean. When G is all zero alpha is 0, and GBLM is exactly Wanda.
+    """
+    activation = _typical(input_sq_mean.float().sqrt())
+    gradient = _typical(gradient_norms.float())
+    return 0.0 if gradient == 0.0 else activation / gradient
+
+
+def _typical(values: torch.Tensor) -> float:
+    median = float(values.median())  # torch's median is the lower middle value: no averaging, deterministic
+    return median if median > 0 else float(values.mean())
 
 
 def get_score(name: str) -> ScoreSpec:

@@ -8,7 +8,7 @@ from optimum_gblm import GBLMConfig
 def test_defaults_follow_the_reference():
     config = GBLMConfig()
     assert (config.method, config.sparsity, config.pattern) == ("gblm", 0.5, "unstructured")
-    assert (config.gradient_norm, config.gradient_scale) == ("l1", 100.0)
+    assert (config.gradient_norm, config.alpha) == ("l1", 100.0)
     assert (config.num_samples, config.seqlen, config.seed) == (128, 2048, 0)
     assert config.target_modules is None and config.quant_method == "gblm"
 
@@ -19,7 +19,9 @@ def test_defaults_follow_the_reference():
         {},
         {"method": "wanda", "pattern": "2:4", "sparsity": 0.5},
         {"method": "magnitude", "pattern": "unstructured", "sparsity": 0.3, "scope": "layer"},
-        {"method": "gblm", "gradient_norm": "l2", "gradient_scale": 10.0, "target_modules": ["q_proj", "down_proj"]},
+        {"method": "gblm", "gradient_norm": "l2", "alpha": 10.0, "target_modules": ["q_proj", "down_proj"]},
+        {"alpha": "auto", "gradient_norm": "l2"},
+        {"alpha": 0, "layer_alpha": {"model.layers.0.mlp.up_proj": 12.5}},
         {"method": "wanda", "use_variant": True, "sparsity": 0.6, "dataset": "c4", "tokenizer": "some/tok"},
         {"pattern": "1:4", "sparsity": 0.25, "num_samples": 3, "seqlen": 7, "seed": 11, "gradient_checkpointing": True},
     ],
@@ -52,8 +54,11 @@ def test_json_file_round_trip(tmp_path):
         ({"pattern": "two:four"}, "use 'unstructured' or an N:M pattern"),
         ({"method": "random"}, "method 'random' is unknown"),
         ({"gradient_norm": "linf"}, "gradient_norm must be one of"),
-        ({"gradient_scale": 0}, "gradient_scale must be a finite number > 0"),
-        ({"gradient_scale": float("inf")}, "gradient_scale must be a finite number > 0"),
+        ({"alpha": -1}, "alpha must be a finite number >= 0"),
+        ({"alpha": float("inf")}, "alpha must be a finite number >= 0"),
+        ({"alpha": "automatic"}, "or 'auto'"),
+        ({"alpha": True}, "alpha must be a finite number >= 0"),
+        ({"layer_alpha": {"q": -2.0}}, "layer_alpha must map layer names"),
         ({"num_samples": 0}, "num_samples must be an integer >= 1"),
         ({"num_samples": True}, "num_samples must be an integer >= 1"),
         ({"seqlen": 1}, "seqlen must be an integer >= 2"),
@@ -75,3 +80,24 @@ def test_from_dict_rejects_unknown_keys_and_foreign_methods():
         GBLMConfig.from_dict({"quant_method": "gptq"})
     with pytest.raises(ValueError, match="not valid JSON"):
         GBLMConfig.from_json_string("{sparsity: 0.5")
+
+
+def test_checkpoints_with_the_old_gradient_scale_key_still_load():
+    assert GBLMConfig.from_dict({"gradient_scale": 10.0}).alpha == 10.0
+    with pytest.raises(ValueError, match="keep only 'alpha'"):
+        GBLMConfig.from_dict({"gradient_scale": 10.0, "alpha": 10.0})
+
+
+@pytest.mark.parametrize("text, expected", [("auto", "auto"), ("AUTO", "auto"), ("0", 0.0), ("1e3", 1000.0)])
+def test_parse_alpha(text, expected):
+    from optimum_gblm.config import parse_alpha
+
+    assert parse_alpha(text) == expected
+
+
+@pytest.mark.parametrize("text", ["-1", "nan", "inf", "big"])
+def test_parse_alpha_rejects(text):
+    from optimum_gblm.config import parse_alpha
+
+    with pytest.raises(ValueError, match="alpha must be a number >= 0"):
+        parse_alpha(text)

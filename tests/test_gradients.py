@@ -61,7 +61,7 @@ def test_nan_gradients_name_the_layer(calibration_ids):
     model = tiny_model("llama")
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match=r"model\.layers\.\d\..*NaN or inf.*float32.*gradient_scale"):
+    with pytest.raises(FloatingPointError, match=r"model\.layers\.\d\..*NaN or inf.*float32"):
         compute_gradient_norms(model, calibration_ids, prunable_modules(model), show_progress=False)
 
 

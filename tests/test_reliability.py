@@ -54,7 +54,7 @@ def test_killed_gradient_stage_resumes_and_matches_an_uninterrupted_run(tmp_path
     model = tiny_model("llama")
     modules = prunable_modules(model)
     ids = torch.randint(0, 96, (6, 16), generator=torch.Generator().manual_seed(3))
-    key = cache_key(model, modules, ids, "l2", 100.0)
+    key = cache_key(model, modules, ids, "l2", 1.0)
     assert (cache / f"{key}.partial.safetensors").is_file()
     assert not (cache / f"{key}.safetensors").exists(), "a partial run must never look complete"
 
@@ -72,7 +72,7 @@ def test_killed_gradient_stage_resumes_and_matches_an_uninterrupted_run(tmp_path
 def test_partial_state_for_other_settings_is_not_used(tmp_path, calibration_ids):
     model = tiny_model("llama")
     modules = prunable_modules(model)
-    key = cache_key(model, modules, calibration_ids, "l1", 100.0)
+    key = cache_key(model, modules, calibration_ids, "l1", 1.0)
     tmp_path.mkdir(exist_ok=True)
     (tmp_path / f"{key}.partial.safetensors").write_bytes(b"garbage")
     norms = cached_gradient_norms(model, calibration_ids, modules, cache_dir=tmp_path, show_progress=False)
@@ -151,9 +151,9 @@ anything = st.one_of(
     st.text(max_size=12), st.lists(st.one_of(st.text(max_size=6), st.integers()), max_size=3),
     st.dictionaries(st.text(max_size=6), st.integers(), max_size=2),
 )
-FIELDS = ["method", "sparsity", "pattern", "gradient_norm", "gradient_scale", "num_samples", "seqlen", "seed",
+FIELDS = ["method", "sparsity", "pattern", "gradient_norm", "alpha", "gradient_scale", "num_samples", "seqlen", "seed",
           "target_modules", "use_variant", "scope", "dataset", "tokenizer", "gradient_checkpointing", "calibration",
-          "global_sparsity", "layer_sparsity", "masks_file", "masks_checksum", "evaluation", "base_model", "bogus"]
+          "global_sparsity", "layer_sparsity", "layer_alpha", "masks_file", "masks_checksum", "evaluation", "base_model", "bogus"]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -228,7 +228,7 @@ def test_kill_or_ctrl_c_saves_progress_at_the_last_completed_sequence(tmp_path, 
     model = tiny_model("llama")
     modules = prunable_modules(model)
     ids = torch.randint(0, 96, (6, 16), generator=torch.Generator().manual_seed(3))
-    key = cache_key(model, modules, ids, "l1", 100.0)
+    key = cache_key(model, modules, ids, "l1", 1.0)
     from optimum_gblm.gradients import cache_metadata
 
     assert cache_metadata(cache / f"{key}.partial.safetensors")["completed"] == "3"

@@ -72,3 +72,14 @@ def test_select_mask_exact_sparsity(pattern, sparsity):
     mask = select_mask(scores, GBLMConfig(pattern=pattern, sparsity=sparsity))
     assert (~mask).sum().item() == int(16 * 32 * sparsity)
     assert ((~mask).sum(1) == int(32 * sparsity)).all()
+
+
+def test_auto_alpha_matches_a_hand_computation():
+    from optimum_gblm.scores import auto_alpha
+
+    # sqrt(a) = [2, 1, 0.5, 3]: lower median 1.0; G sorted [0, .1, .2, .3, .4, .5, 1, 2]: lower median 0.3
+    assert math.isclose(auto_alpha(A, G), 1.0 / 0.3, rel_tol=1e-6)
+    # a zero median falls back to the mean (0.25 here); an all-zero G gives alpha 0 (GBLM = Wanda)
+    mostly_zero = torch.tensor([[0.0, 0.0, 0.0, 1.0]])
+    assert math.isclose(auto_alpha(A, mostly_zero), 1.0 / 0.25, rel_tol=1e-6)
+    assert auto_alpha(A, torch.zeros_like(G)) == 0.0
