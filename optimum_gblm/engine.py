@@ -1,15 +1,23 @@
 """The layer-wise pass: find the decoder blocks of any causal LM, capture what enters block 0, and for each block
 collect input statistics with hooks, let a `LayerPruner` prune the block's linears, re-run the block and hand its
 pruned outputs to the next one. The engine knows nothing about scores; only one block's activations are held.
+
+Models dispatched by accelerate (`from_pretrained(..., device_map=...)` with blocks on "cpu" or "disk") keep their
+offloaded weights on the meta device until an `AlignDevicesHook` onloads them for a forward. The engine onloads one
+block at a time to its execution device, keeps it there while calibration runs through it and it is pruned, and
+writes the changed weights back to the hook's weights map (the offload folder for disk) before offloading it again.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import torch
+from accelerate.hooks import AlignDevicesHook, SequentialHook
+from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset, named_module_tensors, offload_weight, send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
@@ -84,8 +92,152 @@ def as_matrix(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
     return tensor.t() if isinstance(module, Conv1D) else tensor
 
 
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+# -- accelerate offload -----------------------------------------------------------------------------------------
+def _align_hooks(module: nn.Module) -> list[AlignDevicesHook]:
+    """The AlignDevicesHooks accelerate attached to `module` itself (dispatch may chain several in a SequentialHook)."""
+    hook = getattr(module, "_hf_hook", None)
+    hooks = hook.hooks if isinstance(hook, SequentialHook) else [hook]
+    return [h for h in hooks if isinstance(h, AlignDevicesHook)]
+
+
+def _offload_hooks(module: nn.Module) -> list[tuple[nn.Module, AlignDevicesHook]]:
+    """(submodule, hook) for every hook inside `module` that keeps weights off the device between forwards."""
+    return [(sub, hook) for sub in module.modules() for hook in _align_hooks(sub) if hook.offload]
+
+
+def is_offloaded(module: nn.Module) -> bool:
+    """Whether accelerate keeps weights of `module` on CPU or disk (the meta device in the model) between forwards."""
+    return bool(_offload_hooks(module))
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """Where `module` computes: the execution device of its accelerate hooks when it was dispatched with a device
+    map (its weights may then be on the meta device), else the device of its first real parameter."""
+    for sub in module.modules():
+        for hook in _align_hooks(sub):
+            if hook.execution_device is not None:
+                return torch.device(hook.execution_device)
+    for parameter in module.parameters():
+        if parameter.device.type != "meta":
+            return parameter.device
+    return torch.device("cpu")
+
+
+def _storage(weights_map: Mapping, key: str) -> tuple[Mapping, str]:
+    """The mapping behind a hook's (prefixed) weights map, and the key of the tensor in it."""
+    while isinstance(weights_map, PrefixedDataset):
+        weights_map, key = weights_map.dataset, weights_map.prefix + key
+    return weights_map, key
+
+
+def _needs_offload_folder(weights_map: Mapping, key: str) -> bool:
+    storage, key = _storage(weights_map, key)
+    return isinstance(storage, OffloadedWeightsLoader) and key not in storage.state_dict and storage.save_folder is None
+
+
+def store_offloaded(weights_map: Mapping, key: str, value: torch.Tensor) -> None:
+    """Make the hook owning `weights_map` read `value` for `key` on its next onload.
+
+    CPU-offloaded tensors are overwritten in place. A disk-offloaded one is written into the loader's offload folder
+    (accelerate's own `.dat` format) and its index entry repointed there: transformers indexes disk-offloaded weights
+    straight into the checkpoint's safetensors files, and the user's checkpoint must never be modified.
+    """
+    storage, key = _storage(weights_map, key)
+    if isinstance(storage, OffloadedWeightsLoader) and key not in storage.state_dict:
+        if storage.save_folder is None:
+            raise ValueError(_no_offload_folder(key))
+        offload_weight(value.detach().cpu(), key, storage.save_folder, index=storage.index)
+    elif isinstance(storage, OffloadedWeightsLoader):
+        storage.state_dict[key].copy_(value)
+    elif isinstance(storage, dict) and key in storage:
+        storage[key].copy_(value)
+    else:
+        raise ValueError(
+            f"cannot write the pruned {key} back to accelerate's weights map of type {type(storage).__name__}; load "
+            f"the model with from_pretrained(..., device_map=..., offload_folder=...) or without offload."
+        )
+
+
+def _no_offload_folder(name: str) -> str:
+    return (
+        f"{name} is offloaded to disk without an offload folder, so its pruned weights have nowhere to go (it is read "
+        f"from the checkpoint files, which pruning never modifies). Load the model with "
+        f"from_pretrained(..., device_map=..., offload_folder=DIR); DIR then receives the pruned offloaded weights."
+    )
+
+
+def check_offload_writable(modules: Mapping[str, nn.Module]) -> None:
+    """Refuse, before anything is pruned, layers whose pruned weights could not be written back to their offload."""
+    for name, module in modules.items():
+        for hook in _align_hooks(module):
+            if hook.offload and hook.weights_map is not None and _needs_offload_folder(hook.weights_map, "weight"):
+                raise ValueError(_no_offload_folder(f"{name}.weight"))
+
+
+class Onloaded:
+    """`with Onloaded(block) as onloaded:` onloads every weight accelerate offloads inside `block` to its execution
+    device once, keeps it there for every forward inside (the hooks' offloading is paused, so a block is not re-read
+    from disk for each calibration sequence) and offloads it again on exit.
+
+    Pruning changes the onloaded copies, which offloading simply drops: `store(layer)` writes a changed weight back
+    to where the hook reads it, and must be called before exit. A module without offloaded weights is left as it is.
+    """
+
+    def __init__(self, module: nn.Module):
+        self._hooks = _offload_hooks(module)
+        self._entered: list[tuple[nn.Module, AlignDevicesHook]] = []
+        self._sources: dict[tuple[int, str], tuple[Mapping, str]] = {}
+
+    def __enter__(self) -> Onloaded:  # noqa: PYI034 (typing.Self needs Python 3.11)
+        try:
+            for sub, hook in self._hooks:
+                self._entered.append((sub, hook))
+                hook.pre_forward(sub)
+                hook.offload = False
+                tensors = named_module_tensors(
+                    sub, include_buffers=hook.offload_buffers, recurse=hook.place_submodules, remove_non_persistent=True
+                )
+                for key, _ in tensors:
+                    owner, _, attribute = key.rpartition(".")
+                    self._sources[(id(sub.get_submodule(owner)), attribute)] = (hook.weights_map, key)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        while self._entered:
+            sub, hook = self._entered.pop()
+            hook.offload = True
+            hook.post_forward(sub, None)
+        self._sources.clear()
+
+    def store(self, module: nn.Module, tensor_name: str = "weight") -> None:
+        """Write `module.<tensor_name>` back to its offload; a resident tensor was changed in place and needs nothing."""
+        source = self._sources.get((id(module), tensor_name))
+        if source is not None:
+            store_offloaded(*source, getattr(module, tensor_name).detach())
+
+
+def _weight_state(module: nn.Module) -> tuple[int, int]:
+    # Tensor._version counts in-place writes: a layer the pruner only measured (OWL's pass) is not written back.
+    return id(module.weight), module.weight._version
+
+
+def _prune_and_store(pruner: LayerPruner, name: str, module: nn.Module, stats: Any, onloaded: Onloaded) -> None:
+    before = _weight_state(module)
+    pruner.prune_layer(name, module, stats)
+    if _weight_state(module) != before:
+        onloaded.store(module)
+
+
+@torch.no_grad()
+def prune_without_calibration(modules: Mapping[str, nn.Module], pruner: LayerPruner) -> None:
+    """Prune layers that need no activations (magnitude), each onloaded on its own when accelerate offloads it."""
+    check_offload_writable(modules)
+    for name, module in modules.items():
+        with Onloaded(module) as onloaded:
+            _prune_and_store(pruner, name, module, None, onloaded)
 
 
 # -- statistics ------------------------------------------------------------------------------------------------
@@ -159,7 +311,7 @@ def capture_block_inputs(
     Sequences all have the same length and no padding, so those extras are the same for every sequence and are
     captured once.
     """
-    device = model_device(model)
+    device = execution_device(model)
     hidden: list[torch.Tensor] = []
     extras: dict[str, Any] = {}
 
@@ -199,33 +351,55 @@ def run_layerwise(
     show_progress: bool = True,
 ) -> None:
     """Prune every decoder block of `model` in order with `pruner`, feeding each block the pruned outputs of the
-    one before it."""
+    one before it.
+
+    Each block runs on its execution device (accelerate's, for a dispatched model): its offloaded weights are
+    onloaded there for the block's turn only, and the calibration activations follow it. The compute device thus
+    holds one block's weights, the hidden states of all calibration sequences and one sequence's intermediates.
+    """
     prefix, blocks = find_decoder_blocks(model)
+    layers_of = [
+        {f"{prefix}.{index}.{n}": m for n, m in block_layers(block, targets).items()} for index, block in enumerate(blocks)
+    ]
+    check_offload_writable({name: module for layers in layers_of for name, module in layers.items()})
     was_training = model.training
     model.eval()
     try:
         hidden, args, kwargs = capture_block_inputs(model, blocks, input_ids)
-        for index, block in enumerate(tqdm(blocks, desc="Pruning blocks", disable=not show_progress)):
-            layers = {f"{prefix}.{index}.{n}": m for n, m in block_layers(block, targets).items()}
-            stats = {}
-            if pruner.collects_inputs and layers:
-                stats = {name: pruner.new_stats(name, module) for name, module in layers.items()}
-                handles = [
-                    module.register_forward_pre_hook(lambda mod, inputs, s=stats[name]: s.add_batch(inputs[0]))
-                    for name, module in layers.items()
-                ]
-                try:
-                    _run_block(block, hidden, args, kwargs)
-                finally:
-                    for handle in handles:
-                        handle.remove()
-            for name, module in layers.items():
-                pruner.prune_layer(name, module, stats.get(name))
-            del stats
-            # The pruned block's outputs become the next block's inputs, overwriting this block's in place.
-            _run_block(block, hidden, args, kwargs, out=hidden)
+        for block, layers in zip(tqdm(blocks, desc="Pruning blocks", disable=not show_progress), layers_of):
+            device = execution_device(block)
+            hidden, args, kwargs = send_to_device(hidden, device), send_to_device(args, device), send_to_device(kwargs, device)
+            with Onloaded(block) as onloaded:
+                _prune_block(block, layers, pruner, hidden, args, kwargs, onloaded)
+                # The pruned block's outputs become the next block's inputs, overwriting this block's in place.
+                _run_block(block, hidden, args, kwargs, out=hidden)
     finally:
         model.train(was_training)
+
+
+def _prune_block(
+    block: nn.Module,
+    layers: dict[str, nn.Module],
+    pruner: LayerPruner,
+    hidden: torch.Tensor,
+    args: tuple,
+    kwargs: dict,
+    onloaded: Onloaded,
+) -> None:
+    stats = {}
+    if pruner.collects_inputs and layers:
+        stats = {name: pruner.new_stats(name, module) for name, module in layers.items()}
+        handles = [
+            module.register_forward_pre_hook(lambda mod, inputs, s=stats[name]: s.add_batch(inputs[0]))
+            for name, module in layers.items()
+        ]
+        try:
+            _run_block(block, hidden, args, kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+    for name, module in layers.items():
+        _prune_and_store(pruner, name, module, stats.pop(name, None), onloaded)
 
 
 def _run_block(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict, out: torch.Tensor | None = None) -> None:

@@ -31,6 +31,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, register_quanti
 from transformers.quantizers.base import HfQuantizer
 
 from .config import GBLMConfig
+from .engine import Onloaded
 from .masks import unpack_mask
 
 logger = logging.getLogger(__name__)
@@ -211,7 +212,8 @@ def _push_pruned_to_hub(self: nn.Module, repo_id: str, *args: Any, **kwargs: Any
 def check_weights_match_masks(model: nn.Module, quantizer: GBLMHfQuantizer) -> None:
     for name in quantizer.packed_masks:
         try:
-            weight = model.get_submodule(name).weight
+            module = model.get_submodule(name)
+            weight = module.weight
         except AttributeError:
             raise ValueError(f"the masks name layer {name}, which this model does not have; they belong to another model.") from None
         if tuple(weight.shape) != quantizer.mask_shapes[name]:
@@ -219,8 +221,10 @@ def check_weights_match_masks(model: nn.Module, quantizer: GBLMHfQuantizer) -> N
                 f"mask for {name} has shape {quantizer.mask_shapes[name]} but the weight has {tuple(weight.shape)}; "
                 f"the masks belong to another model."
             )
-        mask = quantizer.mask(name, weight.device)
-        stray = int(torch.count_nonzero(weight.detach()[~mask]))
+        # An offloaded weight (accelerate device_map) is on the meta device: read it through its hook.
+        with Onloaded(module):
+            weight = module.weight  # onloading replaced the parameter
+            stray = int(torch.count_nonzero(weight.detach()[~quantizer.mask(name, weight.device)]))
         if stray:
             raise ValueError(
                 f"{name} has {stray} non-zero weights where its mask says pruned: the weights were changed after "
@@ -312,8 +316,10 @@ def apply_masks(model: nn.Module) -> None:
     """Zero every weight its mask marks as pruned (after an optimizer step, or to repair a modified model)."""
     quantizer = pruning_quantizer(model)
     for name in quantizer.packed_masks:
-        weight = model.get_submodule(name).weight
-        weight.masked_fill_(~quantizer.mask(name, weight.device), 0)
+        module = model.get_submodule(name)
+        with Onloaded(module) as onloaded:
+            module.weight.masked_fill_(~quantizer.mask(name, module.weight.device), 0)
+            onloaded.store(module)  # an offloaded weight is written back to its offload
 
 
 def check_output_dir(output: str | os.PathLike, overwrite: bool, fix: str = "pass overwrite=True") -> None:

@@ -16,6 +16,7 @@ from torch import nn
 from .config import GBLMConfig
 from .data import CalibrationSource, get_calibration_data, source_description
 from .engine import InputStats, as_matrix, find_decoder_blocks, prunable_modules, run_layerwise, weight_matrix
+from .engine import check_offload_writable, is_offloaded, prune_without_calibration
 from .gradients import cached_gradient_norms, check_gradient_norms, load_gradient_norms
 from .integration import attach_masks, check_output_dir, detach_masks, save_pretrained_atomically
 from .masks import pack_mask, select_mask, unpack_mask
@@ -164,6 +165,9 @@ class GBLMPruner(OptimumQuantizer):
         # Check everything before touching the model: bad input must leave it as it was.
         find_decoder_blocks(model)
         modules = prunable_modules(model, config.target_modules)
+        check_offload_writable(modules)
+        if needs_gradients and gradient_norms is None:
+            check_gradients_computable(modules)
 
         input_ids = None
         if needs_activations or needs_gradients:
@@ -214,8 +218,7 @@ class GBLMPruner(OptimumQuantizer):
             if needs_activations:
                 run_layerwise(model, input_ids, pruner, config.target_modules, show_progress=self.show_progress)
             else:
-                for name, module in modules.items():
-                    pruner.prune_layer(name, module, None)
+                prune_without_calibration(modules, pruner)
 
         if config.sparsity_profile == "owl":
             # One measuring pass over the dense model, then per-block sparsities for the pruning pass.
@@ -273,6 +276,20 @@ class GBLMPruner(OptimumQuantizer):
             prune_seconds,
         )
         return model
+
+
+def check_gradients_computable(modules: dict[str, nn.Module]) -> None:
+    """The gradient stage needs every prunable weight resident: accelerate's hooks onload an offloaded weight into a
+    fresh tensor for each forward, so its gradient lands on that copy and never reaches the accumulators."""
+    offloaded = [name for name, module in modules.items() if is_offloaded(module)]
+    if offloaded:
+        raise ValueError(
+            f"the gradient stage cannot run on a model whose decoder weights are offloaded by accelerate "
+            f"({len(offloaded)} layers, first: {offloaded[0]}): their gradients would be lost. Pass precomputed "
+            f"norms, GBLMPruner(config).prune(model, calibration, gradient_norms=...) (a dict, or a safetensors file "
+            f"as optimum_gblm.gradients.save_gradient_norms writes, computed on the model loaded without offload), or "
+            f"load the model without CPU/disk offload."
+        )
 
 
 def sparsity_report(
