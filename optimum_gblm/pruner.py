@@ -315,7 +315,8 @@ def prune(
     calibration: CalibrationSource | None = None,
     config: GBLMConfig | None = None,
     tokenizer: Any = None,
+    gradient_norms: dict[str, torch.Tensor] | str | os.PathLike | None = None,
     **config_kwargs: Any,
 ) -> nn.Module:
     """Functional form: `prune(model, calibration, method="wanda", sparsity=0.5, tokenizer=tok)`."""
-    return GBLMPruner(config, **config_kwargs).prune(model, calibration, tokenizer=tokenizer)
+    return GBLMPruner(config, **config_kwargs).prune(model, calibration, tokenizer=tokenizer, gradient_norms=gradient_norms)
