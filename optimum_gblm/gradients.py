@@ -267,7 +267,7 @@ def full_weight(weight: torch.Tensor) -> torch.Tensor:
     return gather_shard(weight.to_local(), weight) if is_dtensor(weight) else weight
 
 
-def check_not_fsdp1(model: nn.Module) -> None:
+def check_not_fsdp1(model: nn.Module, what: str = "the gradient stage") -> None:
     """FSDP1 (`FullyShardedDataParallel`) flattens parameters into FlatParameters and renames modules; only FSDP2 is
     supported."""
     try:
@@ -276,7 +276,7 @@ def check_not_fsdp1(model: nn.Module) -> None:
         return
     if isinstance(model, FullyShardedDataParallel) or any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
         raise NotImplementedError(
-            "the gradient stage does not support FSDP1 (FullyShardedDataParallel) models. Use FSDP2: "
+            f"{what} does not support FSDP1 (FullyShardedDataParallel) models. Use FSDP2: "
             "torch.distributed.fsdp.fully_shard, or accelerate's FSDP plugin with fsdp_version=2 "
             "(`accelerate launch --use_fsdp --fsdp_version 2 ...`)."
         )

@@ -101,6 +101,13 @@ def _fsdp_worker(rank: int, world: int, store: str, out: str, norm: str, wrap: s
         cache = f"{out}.cache"
         norms = cached_gradient_norms(model, ids, modules, norm=norm, cache_dir=cache, show_progress=False)
         again = cached_gradient_norms(model, ids, modules, norm=norm, cache_dir=cache, show_progress=False)  # a hit
+        from optimum_gblm import GBLMConfig, GBLMPruner
+
+        try:  # the layer-wise stage needs whole weights: refused, before anything changes
+            GBLMPruner(GBLMConfig(method="wanda"), show_progress=False).prune(model, ids)
+            refused = ""
+        except ValueError as error:
+            refused = str(error)
         torch.save(
             {
                 "norms": norms,
@@ -108,6 +115,7 @@ def _fsdp_worker(rank: int, world: int, store: str, out: str, norm: str, wrap: s
                 "key": cache_key(model, modules, ids, norm, 1.0),
                 "before": before,
                 "after": full(),
+                "refused": refused,
                 "requires_grad_kept": requires_grad == {n: p.requires_grad for n, p in model.named_parameters()},
                 "grads_left": [n for n, p in model.named_parameters() if p.grad is not None],
                 "local_rows": {n: m.weight.to_local().shape[0] for n, m in modules.items() if is_dtensor(m.weight)},
@@ -149,6 +157,46 @@ def test_fsdp2_sharded_model_gradient_norms_equal_one_process(tmp_path, norm, wr
                 assert torch.equal(result["before"][name], weight)
                 assert torch.equal(result["after"][name], weight)
         assert result["requires_grad_kept"] and result["grads_left"] == []
+        assert "cannot prune a model sharded with FSDP" in result["refused"]
         # the cache key is computed from full weights: the sharded and the plain model share the cache entry
         assert result["key"] == cache_key(model, modules, ids, norm, 1.0)
         assert (tmp_path / "norms.cache" / f"{result['key']}.safetensors").is_file()
+
+
+def _refusal_worker(rank: int, world: int, store: str, out: str) -> None:
+    torch.set_num_threads(1)
+    from conftest import tiny_model
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from optimum_gblm.engine import prunable_modules
+    from optimum_gblm.gradients import compute_gradient_norms
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    errors = {}
+    try:
+        model = tiny_model("llama")
+        ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(rank))  # differs per rank
+        for case, run in {
+            "calibration": lambda: compute_gradient_norms(model, ids, prunable_modules(model), show_progress=False),
+            "fsdp1": lambda: compute_gradient_norms(
+                FullyShardedDataParallel(tiny_model("llama"), device_id=torch.device("cpu"), use_orig_params=True),
+                ids, {}, show_progress=False),
+        }.items():
+            try:
+                run()
+            except (ValueError, NotImplementedError) as error:
+                errors[case] = f"{type(error).__name__}: {error}"
+        torch.save(errors, f"{out}.rank{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(_fsdp2_available() is not None, reason=str(_fsdp2_available()))
+def test_distributed_refusals(tmp_path):
+    """Ranks with different calibration tokens, and FSDP1 models, are refused on every rank (nothing hangs)."""
+    out = str(tmp_path / "errors")
+    mp.spawn(_refusal_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
+    for rank in (0, 1):
+        errors = torch.load(f"{out}.rank{rank}")
+        assert "different calibration tokens" in errors["calibration"]
+        assert errors["fsdp1"].startswith("NotImplementedError") and "fsdp_version" in errors["fsdp1"]
