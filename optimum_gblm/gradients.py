@@ -130,6 +130,10 @@ def compute_gradient_norms(
     Under torch.distributed (e.g. `torchrun` or `accelerate launch`, process group initialised), sequence i goes to
     rank i % world_size, and the raw sums are all-reduced (summed) before the l2 square root: every rank returns
     the single-process result.
+
+    On a model sharded with FSDP2 (`fully_shard`; its prunable weights are DTensors) every rank runs every sequence,
+    accumulates its shard of each gradient, and the shards are gathered at the end: every rank returns the full
+    single-process norms, on CPU. All ranks must call it together, with the same `input_ids` and `modules`.
     """
     if norm not in ("l1", "l2"):
         raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}.")
