@@ -5,6 +5,12 @@
 Each parameter's gradient is folded into its fp32 accumulator the moment autograd produces it (a post-accumulate
 hook), then freed, so a second full copy of the gradients never exists. Results are cached on disk as safetensors,
 keyed by model identity, calibration tokens and settings.
+
+Under torch.distributed the work is split one of two ways. A replicated model: sequences are sharded over the ranks
+and the sums are all-reduced. A sharded model (FSDP2 `fully_shard`, as accelerate's FSDP plugin v2 prepares it; its
+weights are DTensors): every rank runs every sequence, because FSDP reduce-scatters each gradient over the ranks and
+gradients of different sequences must never be added before |.| or (.)^2. Each rank folds its own shard of the
+gradient into a shard-sized accumulator, and the shards are gathered into full tensors at the end.
 """
 
 from __future__ import annotations
@@ -124,12 +130,22 @@ def compute_gradient_norms(
     Under torch.distributed (e.g. `torchrun` or `accelerate launch`, process group initialised), sequence i goes to
     rank i % world_size, and the raw sums are all-reduced (summed) before the l2 square root: every rank returns
     the single-process result.
+
+    On a model sharded with FSDP2 (`fully_shard`; its prunable weights are DTensors) every rank runs every sequence,
+    accumulates its shard of each gradient, and the shards are gathered at the end: every rank returns the full
+    single-process norms, on CPU. All ranks must call it together, with the same `input_ids` and `modules`.
     """
     if norm not in ("l1", "l2"):
         raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}.")
+    check_not_fsdp1(model)
     device = next(model.parameters()).device
     weights = {name: module.weight for name, module in modules.items()}
-    accumulators = {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
+    sharded = any(is_dtensor(w) for w in weights.values())
+    # One accumulator per weight, the size of this rank's shard of it when the weight is sharded.
+    accumulators = {
+        name: torch.zeros(local_tensor(w).shape, dtype=torch.float32, device=local_tensor(w).device)
+        for name, w in weights.items()
+    }
     first = 0
     if resume_from is not None:
         first, saved = resume_from
@@ -141,7 +157,9 @@ def compute_gradient_norms(
         accumulator = accumulators[name]
 
         def hook(param: torch.Tensor) -> None:
-            grad = param.grad.to(torch.float32) * scale  # a new fp32 tensor: one parameter's worth, transient
+            # FSDP2 calls this hook on the sharded parameter once its gradient is reduce-scattered: param.grad is then
+            # a DTensor whose local tensor is this rank's shard, the shape of the accumulator.
+            grad = local_tensor(param.grad).to(torch.float32) * scale  # a new fp32 tensor, transient
             if norm == "l1":
                 accumulator.add_(grad.abs_())
             else:
@@ -163,12 +181,17 @@ def compute_gradient_norms(
         rank, world = distributed_rank_and_size()
         if world > 1 and (resume_from is not None or save_progress is not None):
             raise ValueError("resuming a gradient stage is single-process only; run without a process group to resume.")
+        if world > 1:
+            check_same_calibration(input_ids)
+        if sharded:
+            logger.info("gradient norms: sharded (FSDP) model, every rank runs all %d sequences", input_ids.shape[0])
         last_saved = time.monotonic()
         with _EvalWithCheckpointing(model, gradient_checkpointing), torch.enable_grad(), _DeferredInterrupts(
             enabled=save_progress is not None
         ) as interrupts:
             total = input_ids.shape[0]
-            mine = [i for i in range(first, total) if i % world == rank]
+            # A sharded model sums gradients over ranks inside its backward: all ranks must run the same sequence.
+            mine = [i for i in range(first, total) if sharded or i % world == rank]
             for i in tqdm(mine, desc="Gradient norms", disable=not show_progress or rank != 0):
                 sequence = input_ids[i : i + 1].to(device)
                 loss = model(input_ids=sequence, labels=sequence, use_cache=False).loss
@@ -185,7 +208,10 @@ def compute_gradient_norms(
             p.requires_grad_(flag)
             p.grad = None
 
-    if world > 1:
+    if sharded:
+        # Every rank ran every sequence: nothing to add up, only this rank's shards to join with the others'.
+        accumulators = {name: gather_shard(acc, weights[name]) for name, acc in accumulators.items()}
+    elif world > 1:
         import torch.distributed as dist
 
         for accumulator in accumulators.values():
@@ -210,6 +236,82 @@ def distributed_rank_and_size() -> tuple[int, int]:
     return 0, 1
 
 
+def is_dtensor(tensor: Any) -> bool:
+    """True for a torch.distributed DTensor (what FSDP2's `fully_shard` turns every parameter into)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without distributed
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor; any other tensor as is."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
+def gather_shard(shard: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The full tensor from every rank's `shard`, each laid out as `like`'s local shard on this rank (a collective:
+    all ranks call it, weight by weight in the same order). The result goes to CPU: the full norms of a model that
+    does not fit one device do not fit it either. A tensor that is not a DTensor is this rank's whole tensor already."""
+    if not is_dtensor(like):
+        return shard
+    from torch.distributed.tensor import DTensor
+
+    mesh = like.device_mesh
+    # With FSDP2's CPU offload the shards live on CPU while the mesh (and its collectives) is on the accelerator.
+    if mesh.device_type != "cpu":
+        shard = shard.to(torch.device(mesh.device_type, getattr(torch, mesh.device_type).current_device()))
+    full = DTensor.from_local(shard, mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride())
+    return full.full_tensor().cpu()
+
+
+def full_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A weight as one full tensor: gathered from the ranks when it is a DTensor (a collective)."""
+    return gather_shard(weight.to_local(), weight) if is_dtensor(weight) else weight
+
+
+def check_not_fsdp1(model: nn.Module, what: str = "the gradient stage") -> None:
+    """FSDP1 (`FullyShardedDataParallel`) flattens parameters into FlatParameters and renames modules; only FSDP2 is
+    supported."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:
+        return
+    if isinstance(model, FullyShardedDataParallel) or any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise NotImplementedError(
+            f"{what} does not support FSDP1 (FullyShardedDataParallel) models. Use FSDP2: "
+            "torch.distributed.fsdp.fully_shard, or accelerate's FSDP plugin with fsdp_version=2 "
+            "(`accelerate launch --use_fsdp --fsdp_version 2 ...`)."
+        )
+
+
+def check_same_calibration(input_ids: torch.Tensor) -> None:
+    """Every rank must hold the same calibration tokens (sharding assumes it; a sharded model would silently average
+    the gradients of different sequences otherwise)."""
+    import torch.distributed as dist
+
+    digest = hashlib.sha256(input_ids.to(torch.int64).cpu().contiguous().numpy().tobytes()).hexdigest()
+    digests: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, (tuple(input_ids.shape), digest))
+    if len(set(digests)) != 1:
+        raise ValueError(
+            "the ranks hold different calibration tokens: build the calibration set with the same data, seed and "
+            "tokenizer on every rank."
+        )
+
+
+def all_ranks(flag: bool) -> bool:
+    """True when `flag` is true on every rank of the process group (a collective), `flag` outside one."""
+    if distributed_rank_and_size()[1] == 1:
+        return flag
+    import torch.distributed as dist
+
+    flags: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, bool(flag))
+    return all(flags)
+
+
 # -- cache -----------------------------------------------------------------------------------------------------
 def model_fingerprint(modules: dict[str, nn.Module], model: nn.Module | None = None) -> str:
     """A cheap identity of the weights: names, shapes, dtypes and a strided sample of every prunable weight."""
@@ -217,7 +319,7 @@ def model_fingerprint(modules: dict[str, nn.Module], model: nn.Module | None = N
     if model is not None and getattr(model, "config", None) is not None:
         digest.update(str(getattr(model.config, "model_type", "")).encode())
     for name in sorted(modules):
-        weight = modules[name].weight.detach()
+        weight = full_weight(modules[name].weight.detach())  # sharded weights: gathered, so all ranks agree
         flat = weight.reshape(-1)
         step = max(1, flat.numel() // 4096)
         digest.update(f"{name}|{tuple(weight.shape)}|{weight.dtype}".encode())
@@ -300,7 +402,10 @@ def cached_gradient_norms(
     key = cache_key(model, modules, input_ids, norm, scale)
     folder = Path(cache_dir or default_cache_dir())
     path, partial = folder / f"{key}.safetensors", folder / f"{key}.partial.safetensors"
-    device = next(model.parameters()).device
+    # compute_gradient_norms returns the full norms of a sharded (FSDP) model on CPU; a cache hit does the same.
+    sharded = any(is_dtensor(m.weight) for m in modules.values())
+    device = torch.device("cpu") if sharded else next(model.parameters()).device
+    norms = None
     if path.is_file():
         try:
             if cache_metadata(path).get("state", "complete") != "complete":
@@ -308,9 +413,12 @@ def cached_gradient_norms(
             norms = load_gradient_norms(path, modules)
         except Exception as error:  # a damaged cache entry is recomputed, never trusted
             logger.warning("ignoring unreadable gradient cache %s (%s); recomputing", path, error)
-        else:
-            logger.info("gradient norms: reusing cache %s", path)
-            return {k: v.to(device) for k, v in norms.items() if k in modules}
+            norms = None
+    # Under a process group the ranks reuse the cache together or compute together (a rank that computed alone
+    # would wait forever in the collectives).
+    if all_ranks(norms is not None):
+        logger.info("gradient norms: reusing cache %s", path)
+        return {k: v.to(device) for k, v in norms.items() if k in modules}
     metadata: dict[str, Any] = {
         "format": CACHE_FORMAT_VERSION,
         "key": key,

@@ -17,7 +17,7 @@ from .config import GBLMConfig
 from .data import CalibrationSource, get_calibration_data, source_description
 from .engine import InputStats, as_matrix, find_decoder_blocks, prunable_modules, run_layerwise, weight_matrix
 from .engine import check_offload_writable, is_offloaded, prune_without_calibration
-from .gradients import cached_gradient_norms, check_gradient_norms, load_gradient_norms
+from .gradients import cached_gradient_norms, check_gradient_norms, check_not_fsdp1, is_dtensor, load_gradient_norms
 from .integration import attach_masks, check_output_dir, detach_masks, save_pretrained_atomically
 from .masks import pack_mask, select_mask, unpack_mask
 from .modeling import base_model_info, load_model, strip_gguf_quantization
@@ -164,7 +164,9 @@ class GBLMPruner(OptimumQuantizer):
         start = time.perf_counter()
         # Check everything before touching the model: bad input must leave it as it was.
         find_decoder_blocks(model)
+        check_not_fsdp1(model, "pruning")
         modules = prunable_modules(model, config.target_modules)
+        check_not_sharded(modules)
         check_offload_writable(modules)
         if needs_gradients and gradient_norms is None:
             check_gradients_computable(modules)
@@ -276,6 +278,19 @@ class GBLMPruner(OptimumQuantizer):
             prune_seconds,
         )
         return model
+
+
+def check_not_sharded(modules: dict[str, nn.Module]) -> None:
+    """The layer-wise stage needs whole weights: on an FSDP-sharded model only the gradient stage runs."""
+    sharded = [name for name, module in modules.items() if is_dtensor(module.weight)]
+    if sharded:
+        raise ValueError(
+            f"the layer-wise stage cannot prune a model sharded with FSDP ({len(sharded)} layers, first: {sharded[0]}). "
+            f"Compute the gradient norms on the sharded model, optimum_gblm.gradients.cached_gradient_norms(model, "
+            f"input_ids, prunable_modules(model)) on every rank, save them from rank 0 (save_gradient_norms), then prune "
+            f"the model loaded without FSDP (device_map/offload if it is large) with "
+            f"GBLMPruner(config).prune(model, calibration, gradient_norms=path)."
+        )
 
 
 def check_gradients_computable(modules: dict[str, nn.Module]) -> None:
