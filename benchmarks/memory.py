@@ -62,14 +62,18 @@ def worker(size: str, stage: str, num_samples: int, seqlen: int) -> dict:
     from optimum_gblm.engine import prunable_modules
     from optimum_gblm.gradients import compute_gradient_norms
 
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    try:
+        import gguf  # noqa: F401  (the default model's loader): imported before the baseline, like everything else
+    except ImportError:
+        pass
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base_rss = psutil.Process().memory_info().rss
     shape = SIZES[size]
     if shape is None:
         model, _ = load_model(None)
     else:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
         hidden, layers, intermediate, heads, kv, vocab = shape
         torch.manual_seed(0)
         model = LlamaForCausalLM(
