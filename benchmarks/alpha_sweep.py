@@ -34,6 +34,7 @@ from optimum_gblm import GBLMConfig, GBLMPruner, get_calibration_data, load_mode
 from optimum_gblm.config import parse_pattern
 from optimum_gblm.data import read_text, tokenize
 from optimum_gblm.engine import prunable_modules
+from optimum_gblm.integration import restore_dense
 from optimum_gblm.gradients import cached_gradient_norms
 
 CALIBRATION_FILES = ["austen_emma.txt", "austen_mansfieldpark.txt", "austen_prideprejudice.txt"]
@@ -231,7 +232,7 @@ def main() -> None:
             gradient_norms = {}
             for norm in norms:
                 if any(a != 0 for a in alphas):
-                    model.load_state_dict(pristine)
+                    restore_dense(model, pristine)
                     tick = time.perf_counter()
                     # Without alpha (scale 1): the cache serves every alpha.
                     gradient_norms[norm] = cached_gradient_norms(model, calibration, modules, norm=norm, scale=1.0, show_progress=False)
@@ -249,7 +250,7 @@ def main() -> None:
                         if row is not None and (not wants_test or set(test) <= set(row.get("test", {}))):
                             continue
                         # Pruning is deterministic: a row that now also needs test numbers is pruned again.
-                        model.load_state_dict(pristine)
+                        restore_dense(model, pristine)
                         tick = time.perf_counter()
                         if alpha == 0:
                             config = GBLMConfig(method="wanda", sparsity=sparsity, pattern=pattern, num_samples=num_samples, seqlen=args.seqlen, seed=seed)

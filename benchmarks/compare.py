@@ -23,6 +23,7 @@ from optimum_gblm import GBLMConfig, GBLMPruner, get_calibration_data, load_mode
 from optimum_gblm.config import parse_pattern
 from optimum_gblm.data import read_text, tokenize
 from optimum_gblm.engine import prunable_modules
+from optimum_gblm.integration import restore_dense
 from optimum_gblm.gradients import cached_gradient_norms
 
 CALIBRATION_FILES = ["austen_emma.txt", "austen_mansfieldpark.txt", "austen_prideprejudice.txt", "austen_sensesensibility.txt"]
@@ -166,7 +167,7 @@ def main() -> None:
             gradient_stage = {}
             for norm in sorted({METHODS[m].get("gradient_norm", "l1") for m in methods if METHODS[m]["method"] == "gblm"}):
                 # Stage 1 once per norm; every pattern below reuses it through the cache.
-                model.load_state_dict(pristine)
+                restore_dense(model, pristine)
                 with PeakRSS() as rss:
                     tick = time.perf_counter()
                     cached_gradient_norms(model, calibration, modules, norm=norm, cache_dir=cache_dir, show_progress=False)
@@ -186,7 +187,7 @@ def main() -> None:
                     except ValueError as error:  # e.g. OWL with an N:M pattern
                         print(f"skipping {label} at {pattern}: {error}", flush=True)
                         continue
-                    model.load_state_dict(pristine)
+                    restore_dense(model, pristine)
                     pruner = GBLMPruner(config, cache_dir=cache_dir, show_progress=False)
                     pruner.prune(model, calibration)
                     grad_s, grad_rss = gradient_stage.get(norm, ("-", "-")) if method == "gblm" else ("-", "-")

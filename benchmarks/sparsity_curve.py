@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 
+from optimum_gblm.integration import restore_dense
 from optimum_gblm import GBLMConfig, GBLMPruner, get_calibration_data, load_model, perplexity
 from optimum_gblm.data import read_text, tokenize
 
@@ -53,7 +54,7 @@ def main() -> None:
         for method in args.methods.split(","):
             curves[method] = []
             for sparsity in sparsities:
-                model.load_state_dict(pristine)
+                restore_dense(model, pristine)
                 config = GBLMConfig(method=method, sparsity=sparsity, num_samples=args.num_samples, seqlen=args.seqlen)
                 GBLMPruner(config, cache_dir=cache_dir, show_progress=False).prune(model, calibration)
                 curves[method].append(perplexity(model, tokens, args.eval_seqlen, show_progress=False).perplexity)

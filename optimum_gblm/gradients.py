@@ -137,6 +137,14 @@ def compute_gradient_norms(
     """
     if norm not in ("l1", "l2"):
         raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}.")
+    if getattr(model, "_gblm_gradient_hooks", None):
+        # Their hooks zero the gradients of weights an earlier prune masked: the norms would describe that mask and
+        # be cached under the key of whatever weights the model now holds.
+        raise ValueError(
+            "this model still carries the masks of an earlier prune, whose hooks zero the masked weights' gradients. "
+            "Call optimum_gblm.integration.detach_masks(model) first (or restore_dense(model, dense_state_dict)); "
+            "GBLMPruner.prune does this itself."
+        )
     check_not_fsdp1(model)
     device = next(model.parameters()).device
     weights = {name: module.weight for name, module in modules.items()}

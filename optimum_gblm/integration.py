@@ -270,6 +270,16 @@ def attach_masks(
     return quantizer
 
 
+def restore_dense(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load dense weights back into a pruned model and forget its masks (benchmarks prune one model many times).
+
+    Loading weights alone is not enough: the previous prune's gradient hooks would keep zeroing the gradients of
+    the weights it had masked, in fine-tuning and in a new gradient stage alike.
+    """
+    model.load_state_dict(state_dict)
+    detach_masks(model)
+
+
 def detach_masks(model: nn.Module) -> None:
     """Forget earlier pruning state (masks, gradient hooks, save/push overrides) before pruning afresh: stale masks
     would zero gradients of weights that are no longer pruned."""

@@ -128,3 +128,21 @@ def test_norms_from_another_model_are_refused(tmp_path, calibration_ids):
     with pytest.raises(ValueError, match="another model"):
         GBLMPruner(GBLMConfig(), show_progress=False).prune(wider, calibration_ids, gradient_norms=tmp_path / "norms.safetensors")
     assert all(torch.equal(before[k], v) for k, v in weights_of(wider).items())
+
+
+def test_gradient_stage_refuses_a_model_that_still_carries_masks(calibration_ids):
+    from optimum_gblm import prune
+    from optimum_gblm.integration import restore_dense
+
+    model = tiny_model("llama")
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    prune(model, calibration_ids, method="wanda", pattern="2:4", show_progress=False)
+    model.load_state_dict(dense)  # dense weights back, but the 2:4 mask hooks remain
+    modules = prunable_modules(model)
+    with pytest.raises(ValueError, match="detach_masks"):
+        compute_gradient_norms(model, calibration_ids, modules, show_progress=False)
+    restore_dense(model, dense)
+    fresh = tiny_model("llama")
+    expected = compute_gradient_norms(fresh, calibration_ids, prunable_modules(fresh), show_progress=False)
+    norms = compute_gradient_norms(model, calibration_ids, modules, show_progress=False)
+    assert all(torch.equal(norms[n], expected[n]) for n in expected)
