@@ -18,11 +18,12 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import psutil
+
+from compare import PeakRSS  # same folder: the sampler compare.py uses
 
 # name -> (hidden, layers, intermediate, heads, kv heads, vocab); None = the real default model
 SIZES = {
@@ -31,28 +32,6 @@ SIZES = {
     "SmolLM2 width, 15 blocks": (576, 15, 1536, 9, 3, 49152),
     "SmolLM2-135M (real, 30 blocks)": None,
 }
-
-
-class PeakRSS:
-    def __init__(self, interval: float = 0.005):
-        self.interval, self.process = interval, psutil.Process()
-
-    def __enter__(self):
-        self.peak = self.process.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.process.memory_info().rss)
 
 
 def worker(size: str, stage: str, num_samples: int, seqlen: int) -> dict:
