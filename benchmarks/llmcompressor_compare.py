@@ -260,33 +260,29 @@ def main() -> None:
     results: dict = {"dense": evaluate(base), "sparsegpt": {}, "wanda": {}}
     print(f"dense ppl {results['dense']}", flush=True)
 
+    def prune_with_both(method: str, pattern: str) -> dict:
+        """Prune a fresh copy with ours, then with llm-compressor: time, ppl, sparsity and masks of each."""
+        row = {}
+        for impl in ("ours", "llm-compressor"):
+            model = fresh()
+            seconds = (run_ours(model, calibration, method, pattern) if impl == "ours"
+                       else run_theirs(model, tokenizer, calibration, method, pattern, names))
+            check_untouched(model, base, names, impl)
+            masks = masks_of(model, names)
+            row[impl] = {"seconds": seconds, "ppl": evaluate(model), "sparsity": sparsity(masks), "masks": masks}
+            print(f"{method} {pattern} {impl}: {seconds:.1f}s ppl {row[impl]['ppl']} sparsity {row[impl]['sparsity']:.5f}", flush=True)
+            del model
+        return row
+
     if not args.skip_sparsegpt:
         for pattern in patterns:
-            row = {}
-            for impl in ("ours", "llm-compressor"):
-                model = fresh()
-                seconds = (run_ours(model, calibration, "sparsegpt", pattern) if impl == "ours"
-                           else run_theirs(model, tokenizer, calibration, "sparsegpt", pattern, names))
-                check_untouched(model, base, names, impl)
-                masks = masks_of(model, names)
-                row[impl] = {"seconds": seconds, "ppl": evaluate(model), "sparsity": sparsity(masks), "masks": masks}
-                print(f"sparsegpt {pattern} {impl}: {seconds:.1f}s ppl {row[impl]['ppl']} sparsity {row[impl]['sparsity']:.5f}", flush=True)
-                del model
+            row = prune_with_both("sparsegpt", pattern)
             row["mask agreement"] = agreement(row["ours"]["masks"], row["llm-compressor"]["masks"], names)
             results["sparsegpt"][pattern] = row
 
     if not args.skip_wanda:
         for pattern in patterns:
-            row = {}
-            for impl in ("ours", "llm-compressor"):
-                model = fresh()
-                seconds = (run_ours(model, calibration, "wanda", pattern) if impl == "ours"
-                           else run_theirs(model, tokenizer, calibration, "wanda", pattern, names))
-                check_untouched(model, base, names, impl)
-                masks = masks_of(model, names)
-                row[impl] = {"seconds": seconds, "ppl": evaluate(model), "sparsity": sparsity(masks), "masks": masks}
-                print(f"wanda {pattern} {impl}: {seconds:.1f}s ppl {row[impl]['ppl']}", flush=True)
-                del model
+            row = prune_with_both("wanda", pattern)
             model = fresh()
             run_theirs(model, tokenizer, calibration, "wanda", pattern, names, propagate_error=False)
             check_untouched(model, base, names, "llm-compressor")

@@ -8,14 +8,13 @@
 from __future__ import annotations
 
 import argparse
-import tempfile
+import json
 import time
 from pathlib import Path
 
-
-from optimum_gblm.integration import restore_dense
 from optimum_gblm import GBLMConfig, GBLMPruner, get_calibration_data, load_model, perplexity
 from optimum_gblm.data import read_text, tokenize
+from optimum_gblm.integration import restore_dense
 
 CALIBRATION_FILES = ["austen_emma.txt", "austen_mansfieldpark.txt", "austen_prideprejudice.txt", "austen_sensesensibility.txt"]
 METHODS = ["magnitude", "wanda", "sparsegpt", "gblm"]
@@ -34,55 +33,93 @@ def main() -> None:
     parser.add_argument("--output", default="benchmarks/results/sparsity_curve_smollm2")
     args = parser.parse_args()
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     data_dir = Path(args.data_dir)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # One JSON of finished points, rewritten atomically after each: a stopped run resumes where it was, and a
+    # point measured under other settings is never mixed in (the settings are part of the file).
+    settings = {k: getattr(args, k) for k in ("eval_file", "num_samples", "seqlen", "eval_seqlen", "eval_tokens")}
+    results_path = out.with_suffix(".json")
+    results = {"settings": settings, "dense": None, "points": {}}
+    if results_path.exists():
+        saved = json.loads(results_path.read_text())
+        if saved.get("settings") != settings:
+            raise SystemExit(f"{results_path} holds points measured with {saved.get('settings')}; move it away or use the same settings")
+        results = saved
+
     model, tokenizer = load_model()
     pristine = {k: v.detach().clone() for k, v in model.state_dict().items()}
     calibration = get_calibration_data(
         [read_text(data_dir / f) for f in CALIBRATION_FILES], tokenizer, args.num_samples, args.seqlen, seed=0
     )
     tokens = tokenize(read_text(data_dir / args.eval_file), tokenizer)[: args.eval_tokens]
-    dense = perplexity(model, tokens, args.eval_seqlen, show_progress=False)
+    if results["dense"] is None:
+        dense = perplexity(model, tokens, args.eval_seqlen, show_progress=False)
+        results["dense"] = {"perplexity": dense.perplexity, "num_tokens": dense.num_tokens}
     sparsities = [float(s) for s in args.sparsities.split(",")]
-    curves: dict[str, list[float]] = {}
+    methods = args.methods.split(",")
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="gblm-curve-cache-") as cache_dir:  # GBLM's gradients computed once
-        for method in args.methods.split(","):
-            curves[method] = []
-            for sparsity in sparsities:
-                restore_dense(model, pristine)
-                config = GBLMConfig(method=method, sparsity=sparsity, num_samples=args.num_samples, seqlen=args.seqlen)
-                GBLMPruner(config, cache_dir=cache_dir, show_progress=False).prune(model, calibration)
-                curves[method].append(perplexity(model, tokens, args.eval_seqlen, show_progress=False).perplexity)
-                print(f"{method} {sparsity:.0%}: ppl {curves[method][-1]:.2f}", flush=True)
+    # GBLM's gradient norms go to the library's default cache: computed once, reused by every sparsity and rerun.
+    # Sparsity outermost: a run stopped early still has every method at the sparsities it reached.
+    for sparsity in sparsities:
+        for method in methods:
+            key = f"{method}|{sparsity:g}"
+            if key in results["points"]:
+                continue
+            restore_dense(model, pristine)
+            tick = time.perf_counter()
+            config = GBLMConfig(method=method, sparsity=sparsity, num_samples=args.num_samples, seqlen=args.seqlen)
+            GBLMPruner(config, show_progress=False).prune(model, calibration)
+            seconds = time.perf_counter() - tick
+            ppl = perplexity(model, tokens, args.eval_seqlen, show_progress=False).perplexity
+            results["points"][key] = {"method": method, "sparsity": sparsity, "perplexity": ppl, "prune_s": round(seconds, 1)}
+            tmp = results_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(results, indent=1))
+            tmp.replace(results_path)
+            write_report(results, out)
+            print(f"{method} {sparsity:.0%}: ppl {ppl:.2f} ({seconds:.0f}s)", flush=True)
+    write_report(results, out)
+    print(f"total {time.perf_counter() - start:.0f}s; wrote {out.with_suffix('.png')} and {out.with_suffix('.md')}")
 
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
+
+def write_report(results: dict, out: Path) -> None:
+    """Markdown table and PNG plot of every finished point (ppl on a log axis, like the paper's Figure 2)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings, dense = results["settings"], results["dense"]
+    points = list(results["points"].values())
+    methods = list(dict.fromkeys(p["method"] for p in points))
+    sparsities = sorted({p["sparsity"] for p in points})
     protocol = (
-        f"SmolLM2-135M-Instruct; calibration {args.num_samples} x {args.seqlen} tokens of Austen (seed 0); "
-        f"{args.eval_file}: {dense.num_tokens} tokens, seqlen {args.eval_seqlen}"
+        f"SmolLM2-135M-Instruct; calibration {settings['num_samples']} x {settings['seqlen']} tokens of Austen (seed 0); "
+        f"{settings['eval_file']}: {dense['num_tokens']} tokens, seqlen {settings['eval_seqlen']}"
     )
     figure, axes = plt.subplots(figsize=(6.4, 4.4))
-    for method, values in curves.items():
-        axes.plot([s * 100 for s in sparsities], values, marker="o", label=method)
-    axes.axhline(dense.perplexity, color="grey", linestyle="--", label="dense")
+    for method in methods:
+        mine = sorted((p["sparsity"], p["perplexity"]) for p in points if p["method"] == method)
+        axes.plot([s * 100 for s, _ in mine], [v for _, v in mine], marker="o", label=method)
+    axes.axhline(dense["perplexity"], color="grey", linestyle="--", label="dense")
     axes.set_yscale("log")
     axes.set_xlabel("unstructured sparsity (%)")
     axes.set_ylabel("perplexity (log scale)")
     axes.set_title(protocol, fontsize=7)
     axes.legend()
     figure.tight_layout()
-    figure.savefig(out.with_suffix(".png"), dpi=120)
-    lines = [f"# Perplexity vs sparsity\n\n{protocol}; dense ppl {dense.perplexity:.2f}\n",
+    tmp_png = out.with_suffix(".tmp.png")
+    figure.savefig(tmp_png, dpi=120)
+    plt.close(figure)
+    tmp_png.replace(out.with_suffix(".png"))
+    by_key = {(p["method"], p["sparsity"]): p["perplexity"] for p in points}
+    lines = [f"# Perplexity vs sparsity\n\n{protocol}; dense ppl {dense['perplexity']:.2f}\n",
              "| method | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |", "|---|" + "---|" * len(sparsities)]
-    lines += [f"| {m} | " + " | ".join(f"{v:.2f}" for v in values) + " |" for m, values in curves.items()]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"total {time.perf_counter() - start:.0f}s; wrote {out.with_suffix('.png')} and {out.with_suffix('.md')}")
-
+    lines += [f"| {m} | " + " | ".join(f"{by_key[(m, s)]:.2f}" if (m, s) in by_key else "-" for s in sparsities) + " |"
+              for m in methods]
+    tmp_md = out.with_suffix(".tmp.md")
+    tmp_md.write_text("\n".join(lines) + "\n")
+    tmp_md.replace(out.with_suffix(".md"))
 
 if __name__ == "__main__":
     main()
