@@ -4,11 +4,17 @@ Calibrates on Austen novels and evaluates on two other texts (an Austen novel ne
 Debian handbook: a different domain). Sized for a 2-core machine by default (about 50 minutes):
 
     python benchmarks/compare.py --data-dir ../shared/data --output benchmarks/results/compare_smollm2.md
+    python benchmarks/compare.py --seeds 0,1,2 --methods wanda,gblm-l1,sparsegpt --patterns unstructured,2:4
+
+Rows are kept in a JSON next to the table (`--output` with .json) as they finish; a rerun with the same settings
+skips finished rows, so a long multi-seed run can be stopped and resumed. Magnitude uses no calibration data, so
+it runs once, not once per seed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import platform
 import tempfile
@@ -103,7 +109,15 @@ def main() -> None:
             for label, tokens in eval_tokens.items()
         }
 
+    settings = {k: getattr(args, k) for k in ("model", "gguf_file", "num_samples", "seqlen", "eval_seqlen", "eval_tokens", "sparsity")}
+    results_path = Path(args.output).with_suffix(".json")
     rows: list[dict] = []
+    if results_path.exists():
+        saved = json.loads(results_path.read_text())
+        if saved.get("settings") != settings:
+            raise SystemExit(f"{results_path} holds rows measured with {saved.get('settings')}; move it away or use the same settings")
+        rows = saved["rows"]
+        print(f"resuming: {len(rows)} rows already in {results_path}", flush=True)
     header_lines = [
         "# Pruning comparison on SmolLM2-135M-Instruct",
         "",
@@ -142,30 +156,56 @@ def main() -> None:
             for r in rows:
                 if r["seed"] != "-":
                     groups.setdefault((r["method"], r["pattern"]), []).append(r)
+            def spread(group: list, label: str) -> tuple[float, float, torch.Tensor]:
+                values = torch.tensor([r["ppl"][label] for r in group], dtype=torch.float64)
+                return values.mean().item(), (values.std().item() if len(values) > 1 else 0.0), values
+
             for (method, pattern), group in groups.items():
                 cells = []
                 for l in labels:
-                    values = torch.tensor([r["ppl"][l] for r in group], dtype=torch.float64)
-                    std = values.std().item() if len(values) > 1 else 0.0
-                    cells.append(f"{values.mean():.2f} +- {std:.2f} ({values.min():.2f}..{values.max():.2f})")
+                    mean, std, values = spread(group, l)
+                    cell = f"{mean:.2f} +- {std:.2f} ({values.min():.2f}..{values.max():.2f})"
+                    wanda = groups.get(("wanda", pattern))
+                    if method != "wanda" and wanda and len(wanda) > 1 and len(group) > 1:
+                        # The README's rule: a difference counts only beyond the larger of the two seed spreads.
+                        base_mean, base_std, _ = spread(wanda, l)
+                        margin = max(std, base_std)
+                        verdict = " **better**" if base_mean - mean > margin else " **worse**" if mean - base_mean > margin else ""
+                        cell += f" {100 * (mean / base_mean - 1):+.1f}% vs Wanda{verdict}"
+                    cells.append(cell)
                 lines.append(f"| {method} | {pattern} | {len(group)} | " + " | ".join(cells) + " |")
+            lines += ["", "% vs Wanda: same pattern, same seeds; **better** / **worse** only when the difference of the "
+                      "means exceeds the larger of the two standard deviations over seeds; otherwise no claim."]
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
         tmp.write_text("\n".join(lines) + "\n")
         tmp.replace(out)
+        tmp_json = results_path.with_suffix(".tmp")
+        tmp_json.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1))
+        tmp_json.replace(results_path)
         print("\n".join(lines[-len(rows) - 2 :]), flush=True)
 
     start = time.perf_counter()
     baseline_rss = psutil.Process().memory_info().rss  # model + pristine copy + texts, before any gradient stage
-    rows.append({"method": "dense", "pattern": "-", "seed": "-", "ppl": evaluate(), "prune_s": 0.0, "gradient_s": "-", "gradient_rss": "-"})
-    write()
+    def pattern_label(pattern: str) -> str:
+        return pattern if pattern != "unstructured" else f"{args.sparsity:g} unstructured"
+
+    done = {(r["method"], r["pattern"], r["seed"]) for r in rows}
+    if ("dense", "-", "-") not in done:
+        rows.append({"method": "dense", "pattern": "-", "seed": "-", "ppl": evaluate(), "prune_s": 0.0, "gradient_s": "-", "gradient_rss": "-"})
+        write()
     methods = args.methods.split(",")
+    patterns = args.patterns.split(",")
+
+    def row_seed(label: str, seed: int) -> int | str:
+        return "-" if METHODS[label]["method"] == "magnitude" else seed  # magnitude never sees calibration data
     with tempfile.TemporaryDirectory(prefix="gblm-bench-cache-") as cache_dir:
         for seed in (int(s) for s in args.seeds.split(",")):
             calibration = get_calibration_data(calibration_text, tokenizer, args.num_samples, args.seqlen, seed)
             gradient_stage = {}
-            for norm in sorted({METHODS[m].get("gradient_norm", "l1") for m in methods if METHODS[m]["method"] == "gblm"}):
+            missing = [m for m in methods for p in patterns if (m, pattern_label(p), row_seed(m, seed)) not in done]
+            for norm in sorted({METHODS[m].get("gradient_norm", "l1") for m in missing if METHODS[m]["method"] == "gblm"}):
                 # Stage 1 once per norm; every pattern below reuses it through the cache.
                 restore_dense(model, pristine)
                 with PeakRSS() as rss:
@@ -173,15 +213,17 @@ def main() -> None:
                     cached_gradient_norms(model, calibration, modules, norm=norm, cache_dir=cache_dir, show_progress=False)
                     seconds = time.perf_counter() - tick
                 gradient_stage[norm] = (f"{seconds:.1f}", f"{gib(rss.peak)} (+{gib(rss.peak - baseline_rss)})")
-            for pattern in args.patterns.split(","):
+            for pattern in patterns:
                 nm = parse_pattern(pattern)
                 sparsity = args.sparsity if nm is None else nm[0] / nm[1]
                 for label in methods:
-                    settings = METHODS[label]
-                    method, norm = settings["method"], settings.get("gradient_norm", "l1")
+                    if (label, pattern_label(pattern), row_seed(label, seed)) in done:
+                        continue
+                    method_settings = METHODS[label]
+                    method, norm = method_settings["method"], method_settings.get("gradient_norm", "l1")
                     try:
                         config = GBLMConfig(
-                            **settings, pattern=pattern, sparsity=sparsity, num_samples=args.num_samples,
+                            **method_settings, pattern=pattern, sparsity=sparsity, num_samples=args.num_samples,
                             seqlen=args.seqlen, seed=seed,
                         )
                     except ValueError as error:  # e.g. OWL with an N:M pattern
@@ -194,14 +236,15 @@ def main() -> None:
                     rows.append(
                         {
                             "method": label,
-                            "pattern": pattern if pattern != "unstructured" else f"{args.sparsity:g} unstructured",
-                            "seed": seed,
+                            "pattern": pattern_label(pattern),
+                            "seed": row_seed(label, seed),
                             "ppl": evaluate(),
                             "prune_s": pruner.last_record["timings_seconds"]["prune"],
                             "gradient_s": grad_s,
                             "gradient_rss": grad_rss,
                         }
                     )
+                    done.add((label, pattern_label(pattern), row_seed(label, seed)))
                     write()
     print(f"total {time.perf_counter() - start:.0f}s; written to {args.output}")
 
