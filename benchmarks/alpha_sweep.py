@@ -118,11 +118,84 @@ def write_report(results: dict, args, path: Path, plot_path: Path | None) -> Non
         "by more than the larger of the two seed standard deviations (needs >= 2 seeds on both sides).",
         "",
     ]
+    sizes = calibration_size_changes(groups, texts_val, test_labels)
+    if len({n for n, _, _ in sizes}) > 1:
+        labels = texts_val + test_labels
+        lines += [
+            "## Calibration size: GBLM alpha auto (l1) against Wanda",
+            "",
+            "Each cell: Wanda -> GBLM auto perplexity (% change), over the seeds that every size has (same windows for",
+            "both methods); the per-size sections above give every seed with its spread.",
+            "",
+            "| pattern | sequences | seeds | " + " | ".join(f"{t}{' (test)' if t in test_labels else ''}" for t in labels) + " |",
+            "|" + "---|" * (3 + len(labels)),
+        ]
+        for (n, pattern, seeds), cells in sizes.items():
+            row = [f"{w:.2f} -> {a:.2f} ({100 * (a / w - 1):+.1f}%)" if w else "-" for w, a in (cells.get(t, (None, None)) for t in labels)]
+            lines.append(f"| {pattern} | {n} | {','.join(map(str, seeds))} | " + " | ".join(row) + " |")
+        lines.append("")
+        if plot_path is not None:
+            plot_calibration_sizes(sizes, labels, plot_path.with_name(plot_path.stem + "_calibration.png"))
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines))
     tmp.replace(path)
     if plot_path is not None:
         plot(groups, texts_val, plot_path)
+
+
+def calibration_size_changes(groups: dict, texts_val: list[str], test_labels: list[str]) -> dict:
+    """(sequences, pattern, seeds) -> {text: (Wanda mean, GBLM auto l1 mean)} over the seeds both have."""
+    sizes = {}
+    cases = sorted({(k[0], k[1]) for k in groups}, key=lambda x: (x[1] != "unstructured", x[1], x[0]))
+
+    def seeds_of(n: int, pattern: str) -> set:
+        return {r["seed"] for r in groups.get((n, pattern, "-", 0), [])} & {r["seed"] for r in groups.get((n, pattern, "l1", "auto"), [])}
+
+    for n, pattern in cases:
+        wanda = {r["seed"]: r for r in groups.get((n, pattern, "-", 0), [])}
+        auto = {r["seed"]: r for r in groups.get((n, pattern, "l1", "auto"), [])}
+        # Only seeds every size has: sizes compared on the same draws, not a 3-seed mean against one seed.
+        shared = set.intersection(*(seeds_of(m, p) for m, p in cases if p == pattern and seeds_of(m, p)))
+        seeds = sorted(seeds_of(n, pattern) & shared)
+        if not seeds:
+            continue
+        cells = {}
+        for text in texts_val + test_labels:
+            section = "validation" if text in texts_val else "test"
+            paired = [s for s in seeds if text in wanda[s].get(section, {}) and text in auto[s].get(section, {})]
+            if paired:
+                cells[text] = (stats([wanda[s][section][text] for s in paired])[0], stats([auto[s][section][text] for s in paired])[0])
+        sizes[(n, pattern, tuple(seeds))] = cells
+    return sizes
+
+
+def plot_calibration_sizes(sizes: dict, texts: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    patterns = list(dict.fromkeys(pattern for _, pattern, _ in sizes))
+    fig, axes = plt.subplots(1, len(patterns), figsize=(5.2 * len(patterns), 3.8), squeeze=False)
+    for ax, pattern in zip(axes[0], patterns):
+        for text in texts:
+            points = sorted((n, 100 * (a / w - 1)) for (n, p, _), cells in sizes.items() if p == pattern
+                            for t, (w, a) in cells.items() if t == text)
+            if points:
+                ax.plot([n for n, _ in points], [c for _, c in points], marker="o", label=text)
+        ax.axhline(0, color="black", lw=1)
+        ax.set_xscale("log", base=2)
+        sizes_here = sorted({n for n, p, _ in sizes if p == pattern})
+        ax.set_xticks(sizes_here, [str(n) for n in sizes_here])
+        ax.set_xlabel("calibration sequences (x 512 tokens)")
+        ax.set_ylabel("GBLM auto vs Wanda, % perplexity")
+        ax.set_title(pattern, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M: gradient term's effect against calibration size (below 0 = GBLM better)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot(groups: dict, texts: list[str], path: Path) -> None:
