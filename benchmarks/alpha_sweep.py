@@ -135,7 +135,7 @@ def write_report(results: dict, args, path: Path, plot_path: Path | None) -> Non
             lines.append(f"| {pattern} | {n} | {','.join(map(str, seeds))} | " + " | ".join(row) + " |")
         lines.append("")
         if plot_path is not None:
-            plot_calibration_sizes(sizes, labels, plot_path.with_name(plot_path.stem + "_calibration.png"))
+            plot_calibration_sizes(sizes, labels, plot_path.with_name(plot_path.stem + "_calibration.png"), args.seqlen)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines))
     tmp.replace(path)
@@ -155,8 +155,8 @@ def calibration_size_changes(groups: dict, texts_val: list[str], test_labels: li
         wanda = {r["seed"]: r for r in groups.get((n, pattern, "-", 0), [])}
         auto = {r["seed"]: r for r in groups.get((n, pattern, "l1", "auto"), [])}
         # Only seeds every size has: sizes compared on the same draws, not a 3-seed mean against one seed.
-        shared = set.intersection(*(seeds_of(m, p) for m, p in cases if p == pattern and seeds_of(m, p)))
-        seeds = sorted(seeds_of(n, pattern) & shared)
+        per_size = [seeds_of(m, p) for m, p in cases if p == pattern and seeds_of(m, p)]
+        seeds = sorted(seeds_of(n, pattern).intersection(*per_size))
         if not seeds:
             continue
         cells = {}
@@ -169,7 +169,7 @@ def calibration_size_changes(groups: dict, texts_val: list[str], test_labels: li
     return sizes
 
 
-def plot_calibration_sizes(sizes: dict, texts: list[str], path: Path) -> None:
+def plot_calibration_sizes(sizes: dict, texts: list[str], path: Path, seqlen: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,7 +187,7 @@ def plot_calibration_sizes(sizes: dict, texts: list[str], path: Path) -> None:
         ax.set_xscale("log", base=2)
         sizes_here = sorted({n for n, p, _ in sizes if p == pattern})
         ax.set_xticks(sizes_here, [str(n) for n in sizes_here])
-        ax.set_xlabel("calibration sequences (x 512 tokens)")
+        ax.set_xlabel(f"calibration sequences (x {seqlen} tokens)")
         ax.set_ylabel("GBLM auto vs Wanda, % perplexity")
         ax.set_title(pattern, fontsize=9)
         ax.grid(alpha=0.3)

