@@ -257,6 +257,7 @@ def main() -> None:
         return {label: perplexity(model, tokens, seqlen=eval_seqlen, show_progress=False).perplexity for label, tokens in evaluation.items()}
 
     started = time.perf_counter()
+    commit = git_commit()  # now, not when the report is written: the checkout may move on during a long run
     results: dict = {"dense": evaluate(base), "sparsegpt": {}, "wanda": {}}
     print(f"dense ppl {results['dense']}", flush=True)
 
@@ -302,7 +303,7 @@ def main() -> None:
     write_report(output, results, args, model_label, dict(
         num_samples=num_samples, seqlen=seqlen, eval_seqlen=eval_seqlen, eval_tokens=eval_tokens, prunable=prunable,
         layers=len(names), block0=len(block0), total=total,
-        versions=f"optimum-gblm {optimum_gblm.__version__} (commit {git_commit()}), llmcompressor {llmcompressor.__version__}, "
+        versions=f"optimum-gblm {optimum_gblm.__version__} (commit {commit}), llmcompressor {llmcompressor.__version__}, "
                  f"compressed-tensors {compressed_tensors.__version__}, torch {torch.__version__}, transformers {transformers.__version__}",
     ))
     print(f"total {total:.0f}s; written to {output}")
