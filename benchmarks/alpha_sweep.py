@@ -104,18 +104,21 @@ def write_report(results: dict, args, path: Path, plot_path: Path | None) -> Non
                 mean, std = stats(values)
                 cell = f"{mean:.2f} +- {std:.2f}"
                 if wanda and key[2] != "-":
-                    base = [r[section][t] for r in wanda if t in r.get(section, {})]
+                    # Paired: Wanda on the same seeds (same calibration windows), never a mean over other draws.
+                    mine = {r["seed"]: r[section][t] for r in group if t in r.get(section, {})}
+                    base = {r["seed"]: r[section][t] for r in wanda if t in r.get(section, {}) and r["seed"] in mine}
                     if base:
-                        base_mean, base_std = stats(base)
-                        change = 100 * (mean / base_mean - 1)
-                        better = base_mean - mean > max(std, base_std) and len(values) > 1 and len(base) > 1
+                        paired_mean, paired_std = stats([mine[s] for s in base])
+                        base_mean, base_std = stats(list(base.values()))
+                        change = 100 * (paired_mean / base_mean - 1)
+                        better = base_mean - paired_mean > max(paired_std, base_std) and len(base) > 1
                         cell += f" ({change:+.1f}%{' **better**' if better else ''})"
                 cells.append(cell)
             lines.append(f"| {key[2]} | {alpha_label(key[3])} | {len(group)} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += [
-        "Percentages are against Wanda (alpha 0) with the same calibration; **better** marks a lower mean perplexity",
-        "by more than the larger of the two seed standard deviations (needs >= 2 seeds on both sides).",
+        "Percentages are against Wanda (alpha 0) on the same seeds (same calibration windows); **better** marks a lower",
+        "mean perplexity by more than the larger of the two seed standard deviations (needs >= 2 shared seeds).",
         "",
     ]
     sizes = calibration_size_changes(groups, texts_val, test_labels)
