@@ -36,6 +36,7 @@ from optimum_gblm.data import read_text, tokenize
 from optimum_gblm.engine import prunable_modules
 from optimum_gblm.integration import restore_dense
 from optimum_gblm.gradients import cached_gradient_norms
+from results_files import atomic_savefig, atomic_write_text
 
 CALIBRATION_FILES = ["austen_emma.txt", "austen_mansfieldpark.txt", "austen_prideprejudice.txt"]
 VALIDATION = {"Northanger Abbey": ("austen_northangerabbey.txt", "start"), "Debian handbook": ("debian_handbook.txt", "start")}
@@ -139,9 +140,7 @@ def write_report(results: dict, args, path: Path, plot_path: Path | None) -> Non
         lines.append("")
         if plot_path is not None:
             plot_calibration_sizes(sizes, labels, plot_path.with_name(plot_path.stem + "_calibration.png"), args.seqlen)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
+    atomic_write_text(path, "\n".join(lines))
     if plot_path is not None:
         plot(groups, texts_val, plot_path)
 
@@ -154,12 +153,13 @@ def calibration_size_changes(groups: dict, texts_val: list[str], test_labels: li
     def seeds_of(n: int, pattern: str) -> set:
         return {r["seed"] for r in groups.get((n, pattern, "-", 0), [])} & {r["seed"] for r in groups.get((n, pattern, "l1", "auto"), [])}
 
+    paired_seeds = {case: seeds_of(*case) for case in cases}
     for n, pattern in cases:
         wanda = {r["seed"]: r for r in groups.get((n, pattern, "-", 0), [])}
         auto = {r["seed"]: r for r in groups.get((n, pattern, "l1", "auto"), [])}
         # Only seeds every size has: sizes compared on the same draws, not a 3-seed mean against one seed.
-        per_size = [seeds_of(m, p) for m, p in cases if p == pattern and seeds_of(m, p)]
-        seeds = sorted(seeds_of(n, pattern).intersection(*per_size))
+        per_size = [seeds for (m, p), seeds in paired_seeds.items() if p == pattern and seeds]
+        seeds = sorted(paired_seeds[(n, pattern)].intersection(*per_size))
         if not seeds:
             continue
         cells = {}
@@ -197,7 +197,7 @@ def plot_calibration_sizes(sizes: dict, texts: list[str], path: Path, seqlen: in
     axes[0][0].legend(fontsize=7)
     fig.suptitle("SmolLM2-135M: gradient term's effect against calibration size (below 0 = GBLM better)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -239,7 +239,7 @@ def plot(groups: dict, texts: list[str], path: Path) -> None:
     axes[0][0].legend(fontsize=7)
     fig.suptitle("SmolLM2-135M: GBLM alpha sweep (validation perplexity, lower is better)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -293,10 +293,7 @@ def main() -> None:
         }
 
     def save() -> None:
-        results_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = results_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
-        tmp.replace(results_path)
+        atomic_write_text(results_path, json.dumps(results, indent=1, sort_keys=True))
         write_report(results, args, Path(args.output), Path(args.plot) if args.plot else None)
 
     alphas = [parse_alpha(a) for a in args.alphas.split(",")]

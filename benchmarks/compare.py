@@ -31,6 +31,7 @@ from optimum_gblm.data import read_text, tokenize
 from optimum_gblm.engine import prunable_modules
 from optimum_gblm.integration import restore_dense
 from optimum_gblm.gradients import cached_gradient_norms
+from results_files import atomic_write_text, load_resumable
 
 CALIBRATION_FILES = ["austen_emma.txt", "austen_mansfieldpark.txt", "austen_prideprejudice.txt", "austen_sensesensibility.txt"]
 EVALUATION_FILES = {"Northanger Abbey": "austen_northangerabbey.txt", "Debian handbook": "debian_handbook.txt"}
@@ -111,12 +112,8 @@ def main() -> None:
 
     settings = {k: getattr(args, k) for k in ("model", "gguf_file", "num_samples", "seqlen", "eval_seqlen", "eval_tokens", "sparsity")}
     results_path = Path(args.output).with_suffix(".json")
-    rows: list[dict] = []
-    if results_path.exists():
-        saved = json.loads(results_path.read_text())
-        if saved.get("settings") != settings:
-            raise SystemExit(f"{results_path} holds rows measured with {saved.get('settings')}; move it away or use the same settings")
-        rows = saved["rows"]
+    rows: list[dict] = load_resumable(results_path, settings, empty={"rows": []})["rows"]
+    if rows:
         print(f"resuming: {len(rows)} rows already in {results_path}", flush=True)
     header_lines = [
         "# Pruning comparison on SmolLM2-135M-Instruct",
@@ -179,14 +176,8 @@ def main() -> None:
                 lines.append(f"| {method} | {pattern} | {len(group)} | " + " | ".join(cells) + " |")
             lines += ["", "% vs Wanda: same pattern, same seeds; **better** / **worse** only when the difference of the "
                       "means exceeds the larger of the two standard deviations over the seeds both have (n); otherwise no claim."]
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        tmp.replace(out)
-        tmp_json = results_path.with_suffix(".tmp")
-        tmp_json.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1))
-        tmp_json.replace(results_path)
+        atomic_write_text(args.output, "\n".join(lines) + "\n")
+        atomic_write_text(results_path, json.dumps({"settings": settings, "rows": rows}, indent=1))
         print(lines[len(header_lines) + 1 + len(rows)], flush=True)  # the row just added
 
     start = time.perf_counter()
@@ -201,14 +192,17 @@ def main() -> None:
     methods = args.methods.split(",")
     patterns = args.patterns.split(",")
 
-    def buildable(label: str, pattern: str) -> bool:
-        """False for combinations the config refuses (e.g. OWL with N:M): they are skipped, never computed for."""
+    def config_for(label: str, pattern: str, seed: int) -> GBLMConfig | ValueError:
+        """The run's config, or the error for a combination the config refuses (e.g. OWL with N:M): such
+        combinations are skipped and never computed for."""
         nm = parse_pattern(pattern)
         try:
-            GBLMConfig(**METHODS[label], pattern=pattern, sparsity=args.sparsity if nm is None else nm[0] / nm[1])
-        except ValueError:
-            return False
-        return True
+            return GBLMConfig(
+                **METHODS[label], pattern=pattern, sparsity=args.sparsity if nm is None else nm[0] / nm[1],
+                num_samples=args.num_samples, seqlen=args.seqlen, seed=seed,
+            )
+        except ValueError as error:
+            return error
 
     def row_seed(label: str, seed: int) -> int | str:
         return "-" if METHODS[label]["method"] == "magnitude" else seed  # magnitude never sees calibration data
@@ -216,8 +210,9 @@ def main() -> None:
         for seed in (int(s) for s in args.seeds.split(",")):
             calibration = get_calibration_data(calibration_text, tokenizer, args.num_samples, args.seqlen, seed)
             gradient_stage = {}
-            missing = [m for m in methods for p in patterns
-                       if (m, pattern_label(p), row_seed(m, seed)) not in done and buildable(m, p)]
+            configs = {(m, p): config_for(m, p, seed) for m in methods for p in patterns}
+            missing = [m for (m, p), config in configs.items()
+                       if (m, pattern_label(p), row_seed(m, seed)) not in done and isinstance(config, GBLMConfig)]
             for norm in sorted({METHODS[m].get("gradient_norm", "l1") for m in missing if METHODS[m]["method"] == "gblm"}):
                 # Stage 1 once per norm; every pattern below reuses it through the cache.
                 restore_dense(model, pristine)
@@ -227,21 +222,14 @@ def main() -> None:
                     seconds = time.perf_counter() - tick
                 gradient_stage[norm] = (f"{seconds:.1f}", f"{gib(rss.peak)} (+{gib(rss.peak - baseline_rss)})")
             for pattern in patterns:
-                nm = parse_pattern(pattern)
-                sparsity = args.sparsity if nm is None else nm[0] / nm[1]
                 for label in methods:
                     if (label, pattern_label(pattern), row_seed(label, seed)) in done:
                         continue
-                    method_settings = METHODS[label]
-                    method, norm = method_settings["method"], method_settings.get("gradient_norm", "l1")
-                    try:
-                        config = GBLMConfig(
-                            **method_settings, pattern=pattern, sparsity=sparsity, num_samples=args.num_samples,
-                            seqlen=args.seqlen, seed=seed,
-                        )
-                    except ValueError as error:  # e.g. OWL with an N:M pattern
-                        print(f"skipping {label} at {pattern}: {error}", flush=True)
+                    config = configs[(label, pattern)]
+                    if not isinstance(config, GBLMConfig):
+                        print(f"skipping {label} at {pattern}: {config}", flush=True)
                         continue
+                    method, norm = config.method, METHODS[label].get("gradient_norm", "l1")
                     restore_dense(model, pristine)
                     pruner = GBLMPruner(config, cache_dir=cache_dir, show_progress=False)
                     pruner.prune(model, calibration)

@@ -15,6 +15,7 @@ from pathlib import Path
 from optimum_gblm import GBLMConfig, GBLMPruner, get_calibration_data, load_model, perplexity
 from optimum_gblm.data import read_text, tokenize
 from optimum_gblm.integration import restore_dense
+from results_files import atomic_savefig, atomic_write_text, load_resumable
 
 CALIBRATION_FILES = ["austen_emma.txt", "austen_mansfieldpark.txt", "austen_prideprejudice.txt", "austen_sensesensibility.txt"]
 METHODS = ["magnitude", "wanda", "sparsegpt", "gblm"]
@@ -40,12 +41,7 @@ def main() -> None:
     # point measured under other settings is never mixed in (the settings are part of the file).
     settings = {k: getattr(args, k) for k in ("eval_file", "num_samples", "seqlen", "eval_seqlen", "eval_tokens")}
     results_path = out.with_suffix(".json")
-    results = {"settings": settings, "dense": None, "points": {}}
-    if results_path.exists():
-        saved = json.loads(results_path.read_text())
-        if saved.get("settings") != settings:
-            raise SystemExit(f"{results_path} holds points measured with {saved.get('settings')}; move it away or use the same settings")
-        results = saved
+    results = load_resumable(results_path, settings, empty={"settings": settings, "dense": None, "points": {}})
 
     model, tokenizer = load_model()
     pristine = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -73,9 +69,7 @@ def main() -> None:
             seconds = time.perf_counter() - tick
             ppl = perplexity(model, tokens, args.eval_seqlen, show_progress=False).perplexity
             results["points"][key] = {"method": method, "sparsity": sparsity, "perplexity": ppl, "prune_s": round(seconds, 1)}
-            tmp = results_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(results, indent=1))
-            tmp.replace(results_path)
+            atomic_write_text(results_path, json.dumps(results, indent=1))
             write_report(results, out)
             print(f"{method} {sparsity:.0%}: ppl {ppl:.2f} ({seconds:.0f}s)", flush=True)
     write_report(results, out)
@@ -108,18 +102,14 @@ def write_report(results: dict, out: Path) -> None:
     axes.set_title(protocol, fontsize=7)
     axes.legend()
     figure.tight_layout()
-    tmp_png = out.with_suffix(".tmp.png")
-    figure.savefig(tmp_png, dpi=120)
+    atomic_savefig(figure, out.with_suffix(".png"), dpi=120)
     plt.close(figure)
-    tmp_png.replace(out.with_suffix(".png"))
     by_key = {(p["method"], p["sparsity"]): p["perplexity"] for p in points}
     lines = [f"# Perplexity vs sparsity\n\n{protocol}; dense ppl {dense['perplexity']:.2f}\n",
              "| method | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |", "|---|" + "---|" * len(sparsities)]
     lines += [f"| {m} | " + " | ".join(f"{by_key[(m, s)]:.2f}" if (m, s) in by_key else "-" for s in sparsities) + " |"
               for m in methods]
-    tmp_md = out.with_suffix(".tmp.md")
-    tmp_md.write_text("\n".join(lines) + "\n")
-    tmp_md.replace(out.with_suffix(".md"))
+    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
 
 if __name__ == "__main__":
     main()

@@ -69,3 +69,36 @@ def test_calibration_sizes_are_compared_on_the_seeds_every_size_has(tmp_path):
 def test_a_fresh_sweep_with_only_wanda_rows_writes_a_report(tmp_path):
     text = report([row(16, 0, "unstructured", 0, 60.0), row(16, 0, "2:4", 0, 160.0)], tmp_path)
     assert "## unstructured, 16 calibration sequences" in text and "## Calibration size" not in text
+
+
+results_files = pytest.importorskip("results_files")
+
+
+def test_resumed_results_must_have_been_measured_with_the_same_settings(tmp_path):
+    path = tmp_path / "rows.json"
+    assert results_files.load_resumable(path, {"seqlen": 512}, empty={"rows": []}) == {"rows": []}
+    results_files.atomic_write_text(path, '{"settings": {"seqlen": 512}, "rows": [1]}')
+    assert results_files.load_resumable(path, {"seqlen": 512}, empty={"rows": []})["rows"] == [1]
+    with pytest.raises(SystemExit, match="seqlen.*512.*seqlen.*128.*move it away"):
+        results_files.load_resumable(path, {"seqlen": 128}, empty={"rows": []})
+
+
+def test_a_failed_write_keeps_the_previous_file_whole(tmp_path):
+    path = tmp_path / "deep" / "table.md"
+    results_files.atomic_write_text(path, "old table\n")
+
+    class FailingFigure:
+        def savefig(self, target, **kwargs):
+            Path(target).write_text("half a pn")
+            raise OSError("disk full")
+
+    png = tmp_path / "plot.png"
+    png.write_bytes(b"old plot")
+    with pytest.raises(OSError, match="disk full"):
+        results_files.atomic_savefig(FailingFigure(), png)
+    assert png.read_bytes() == b"old plot"
+    with pytest.raises(TypeError):
+        results_files.atomic_write_text(path, None)  # fails while writing the temporary file
+    assert path.read_text() == "old table\n"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["table.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deep", "plot.png"]
