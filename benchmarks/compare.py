@@ -41,6 +41,7 @@ METHODS = {
     "wanda": {"method": "wanda"},
     "gblm-l1": {"method": "gblm", "gradient_norm": "l1"},
     "gblm-l2": {"method": "gblm", "gradient_norm": "l2"},
+    "gblm-auto": {"method": "gblm", "gradient_norm": "l1", "alpha": "auto"},
     "sparsegpt": {"method": "sparsegpt"},
     "wanda-owl": {"method": "wanda", "sparsity_profile": "owl"},
     "gblm-owl": {"method": "gblm", "gradient_norm": "l1", "sparsity_profile": "owl"},
