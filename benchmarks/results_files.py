@@ -4,33 +4,20 @@ or a truncated JSON), and a resumed run refuses a results file that was measured
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from optimum_gblm.files import write_atomically
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write `text` to `path` through a temporary file in the same folder and one rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    _replace_through(tmp, path, lambda: tmp.write_text(text))
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def atomic_savefig(figure: Any, path: str | Path, **savefig_kwargs: Any) -> None:
-    """`figure.savefig` through a temporary file; the temporary name keeps the suffix matplotlib reads the format from."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    _replace_through(tmp, path, lambda: figure.savefig(tmp, **savefig_kwargs))
-
-
-def _replace_through(tmp: Path, path: Path, write: Callable[[], Any]) -> None:
-    try:
-        write()
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # a failed write leaves neither a half file nor a stray temporary one
+    """`figure.savefig` through a temporary file that keeps the suffix matplotlib reads the format from."""
+    write_atomically(path, lambda tmp: figure.savefig(tmp, **savefig_kwargs), suffix=Path(path).suffix)
 
 
 def load_resumable(path: str | Path, settings: dict, empty: dict) -> dict:

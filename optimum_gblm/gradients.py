@@ -20,7 +20,6 @@ import hashlib
 import logging
 import os
 import signal
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -31,6 +30,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
+
+from .files import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -347,17 +348,8 @@ def cache_key(model: nn.Module, modules: dict[str, nn.Module], input_ids: torch.
 
 def save_gradient_norms(norms: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """Write norms as safetensors atomically: a temporary file in the same folder, renamed into place when complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file({k: v.contiguous().cpu() for k, v in norms.items()}, tmp, metadata=metadata or {})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    tensors = {k: v.contiguous().cpu() for k, v in norms.items()}
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata or {}))
 
 
 def load_gradient_norms(path: str | os.PathLike, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:

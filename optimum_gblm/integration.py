@@ -32,6 +32,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from .config import GBLMConfig
 from .engine import Onloaded
+from .files import write_atomically
 from .masks import unpack_mask
 
 logger = logging.getLogger(__name__)
@@ -169,15 +170,7 @@ def write_masks(model: nn.Module, save_directory: str | os.PathLike) -> Path:
     metadata = {"format": MASKS_FORMAT, "checksum": config.masks_checksum or ""}
     metadata.update({f"shape:{name}": ",".join(map(str, shape)) for name, shape in quantizer.mask_shapes.items()})
     target = Path(save_directory) / config.masks_file
-    handle, tmp = tempfile.mkstemp(dir=save_directory, prefix=f".{config.masks_file}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(dict(quantizer.packed_masks), tmp, metadata=metadata)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_atomically(target, lambda tmp: save_file(dict(quantizer.packed_masks), tmp, metadata=metadata))
     return target
 
 
