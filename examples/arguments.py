@@ -5,9 +5,13 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import transformers
 from transformers import HfArgumentParser
+
+import optimum_gblm  # noqa: F401  (registers every method before the arguments are generated)
+from optimum_gblm.options import pruning_arguments_dataclass, runtime_arguments_dataclass
 
 
 @dataclass
@@ -22,9 +26,7 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    calibration: str | None = field(
-        default=None, metadata={"help": "calibration text file/folder, 'c4' or 'wikitext2' (default: shipped novel)"}
-    )
+    # The calibration text is the recipe's `--dataset` (alias `--calibration`), in PruningArguments.
     train_file: str | None = field(default=None, metadata={"help": "fine-tuning text file/folder (default: calibration)"})
     eval_data: list[str] = field(default_factory=list, metadata={"help": "texts to measure perplexity on"})
     eval_seqlen: int = field(default=2048, metadata={"help": "perplexity window length"})
@@ -33,37 +35,11 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "use at most this many training blocks"})
 
 
-@dataclass
-class PruningArguments:
-    method: str = field(default="gblm", metadata={"help": "gblm, wanda, magnitude, gradient, gblm_inverse"})
-    sparsity: float = 0.5
-    pattern: str = field(default="unstructured", metadata={"help": "'unstructured' or N:M such as 2:4"})
-    gradient_norm: str = "l1"
-    alpha: str = field(default="100", metadata={"help": "gradient-term weight: a number >= 0 or 'auto'"})
-    num_samples: int = 128
-    seqlen: int = 2048
-    calibration_seed: int = 0
-    use_variant: bool = False
-    # named apart from TrainingArguments.gradient_checkpointing, which the fine-tuning script also parses
-    gradient_checkpointing_for_gradients: bool = False
-
-    def to_config(self, dataset: str | None = None):
-        from optimum_gblm import GBLMConfig
-        from optimum_gblm.config import parse_alpha
-
-        return GBLMConfig(
-            method=self.method,
-            sparsity=self.sparsity,
-            pattern=self.pattern,
-            gradient_norm=self.gradient_norm,
-            alpha=parse_alpha(self.alpha),
-            num_samples=self.num_samples,
-            seqlen=self.seqlen,
-            seed=self.calibration_seed,
-            use_variant=self.use_variant,
-            gradient_checkpointing=self.gradient_checkpointing_for_gradients,
-            dataset=dataset,
-        )
+# Generated from GBLMConfig and every registered method's options: the same names and help as `optimum-gblm prune`
+# (`--num_samples` or `--num-samples`, `--sparsegpt_damping`, `--owl_threshold`, ...); `.to_config()` builds the recipe.
+PruningArguments = pruning_arguments_dataclass()
+# Cache folder and gradient checkpointing: how the run executes, not what it produces; `.to_runtime()`.
+RuntimeArguments = runtime_arguments_dataclass()
 
 
 @dataclass
@@ -78,6 +54,10 @@ class OutputArguments(OverwriteArguments):
     output_dir: str = field(default="pruned-model", metadata={"help": "output folder"})
     push_to_hub: bool = False
     hub_model_id: str | None = None
+
+    def hub_repo_id(self) -> str | None:
+        """The repository to push to, or None when not pushing."""
+        return (self.hub_model_id or Path(self.output_dir).name) if self.push_to_hub else None
 
 
 @dataclass

@@ -16,8 +16,9 @@ from arguments import DataArguments, EvaluationArguments, ModelArguments, Output
 
 from optimum_gblm import get_evaluation_tokens, perplexity, record_evaluation
 from optimum_gblm.evaluation import load_multiple_choice, multiple_choice_accuracy, zero_shot
-from optimum_gblm.hub import write_model_card
-from optimum_gblm.integration import GBLMHfQuantizer
+from optimum_gblm.files import write_atomically
+from optimum_gblm.hub import CARD_FILE, build_model_card
+from optimum_gblm.sparse_state import GBLMHfQuantizer
 
 logger = logging.getLogger("run_eval")
 
@@ -42,18 +43,17 @@ def main() -> None:
         results["zero_shot"] = zero_shot(model, tokenizer, eval_args.tasks, eval_args.num_fewshot, eval_args.limit)
 
     out = Path(output_args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    staging = out / ".eval_results.json.tmp"  # written whole, then renamed: never a half-written result
-    staging.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(staging, out / "eval_results.json")
-    print(json.dumps(results, indent=2))
+    # Each file is written whole, then renamed into place: a reader never sees half of it.
+    text = json.dumps(results, indent=2) + "\n"
+    write_atomically(out / "eval_results.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), suffix=".json")
+    print(text, end="")
     folder = model_args.model_name_or_path
     if pruned and eval_args.write_model_card and folder and os.path.isdir(folder):
         # Only the record changes: config.json and README.md, each replaced atomically.
-        staging = Path(folder) / ".config.json.tmp"
-        staging.write_text(model.config.to_json_string())
-        os.replace(staging, Path(folder) / "config.json")
-        write_model_card(model, folder)
+        model_config = model.config.to_json_string()
+        write_atomically(Path(folder) / "config.json", lambda tmp: Path(tmp).write_text(model_config, encoding="utf-8"))
+        card = build_model_card(model.config.quantization_config, model.config.to_dict())
+        write_atomically(Path(folder) / CARD_FILE, lambda tmp: card.save(tmp), suffix=".md")
         logger.info("results recorded in %s/config.json and its model card", folder)
     if output_args.push_to_hub and pruned:
         model.push_to_hub(output_args.hub_model_id or out.name, tokenizer=tokenizer)

@@ -7,20 +7,31 @@ masks. Perplexity is measured before and after on texts other than the training 
         --eval_data ../shared/data/austen_northangerabbey.txt --eval_seqlen 512 --eval_max_tokens 16384 \
         --output_dir smollm2-gblm-2of4-tuned --max_steps 40 --per_device_train_batch_size 4 --learning_rate 5e-5
     python examples/run_sparse_finetune.py finetune_config.json
+
+The recipe options are those of `optimum-gblm prune`, except two that TrainingArguments also defines: its `--seed`
+seeds the calibration windows too, and its `--gradient_checkpointing` also applies to the gradient stage of pruning.
+The gradient cache is always used here (TrainingArguments' `--use_cache` is the model's KV cache, another thing);
+`--cache_dir` chooses its folder.
 """
 
 import logging
 import time
 
 import torch
-from arguments import DataArguments, ModelArguments, OverwriteArguments, PruningArguments, load, parse, setup_logging
+from arguments import DataArguments, ModelArguments, OverwriteArguments, load, parse, setup_logging
 from transformers import Trainer, TrainingArguments
 
 from optimum_gblm import GBLMPruner, SparsityCallback, get_evaluation_tokens, perplexity, record_evaluation
+from optimum_gblm.checkpoint import check_output_dir
 from optimum_gblm.data import default_calibration_path, load_text, tokenize
-from optimum_gblm.integration import GBLMHfQuantizer, check_output_dir, check_weights_match_masks
+from optimum_gblm.options import pruning_arguments_dataclass, runtime_arguments_dataclass
+from optimum_gblm.sparse_state import GBLMHfQuantizer, check_weights_match_masks
 
 logger = logging.getLogger("run_sparse_finetune")
+
+# TrainingArguments owns --seed (used for the calibration windows too) and --gradient_checkpointing / --use_cache.
+PruningArguments = pruning_arguments_dataclass(exclude=("seed",))
+RuntimeArguments = runtime_arguments_dataclass(exclude=("gradient_checkpointing", "use_cache"))
 
 
 class Blocks(torch.utils.data.Dataset):
@@ -40,16 +51,25 @@ class Blocks(torch.utils.data.Dataset):
 
 
 def main() -> None:
-    model_args, data_args, pruning_args, overwrite, training_args = parse(
-        ModelArguments, DataArguments, PruningArguments, OverwriteArguments, TrainingArguments
+    model_args, data_args, pruning_args, runtime_args, overwrite, training_args = parse(
+        ModelArguments, DataArguments, PruningArguments, RuntimeArguments, OverwriteArguments, TrainingArguments
     )
     setup_logging()
     check_output_dir(training_args.output_dir, overwrite.overwrite_output_dir, fix="pass --overwrite_output_dir")
+    config = pruning_args.to_config(seed=training_args.seed)
     model, tokenizer = load(model_args)
-    calibration = data_args.calibration or str(default_calibration_path())
+    calibration = config.dataset or str(default_calibration_path())
     if not isinstance(getattr(model, "hf_quantizer", None), GBLMHfQuantizer):
-        logger.info("model is dense: pruning it first (%s, %s)", pruning_args.method, pruning_args.pattern)
-        GBLMPruner(pruning_args.to_config(dataset=calibration)).prune(model, calibration, tokenizer=tokenizer)
+        logger.info("model is dense: pruning it first (%s, %s)", config.method, config.pattern)
+        runtime = runtime_args.to_runtime(gradient_checkpointing=training_args.gradient_checkpointing)
+        pruner = GBLMPruner(
+            config,
+            cache_dir=runtime.cache_dir,
+            use_cache=runtime.use_cache,
+            show_progress=runtime.show_progress,
+            gradient_checkpointing=runtime.gradient_checkpointing,
+        )
+        pruner.prune(model, calibration, tokenizer=tokenizer)
 
     texts = {name: get_evaluation_tokens(name, tokenizer) for name in data_args.eval_data}
     before = {n: perplexity(model, t, data_args.eval_seqlen, data_args.eval_max_tokens) for n, t in texts.items()}
@@ -73,7 +93,7 @@ def main() -> None:
     logger.info(
         "fine-tuned %d steps on %d blocks of %d tokens in %.0fs; sparsity exact: %s (global %.4f)",
         trainer.state.global_step, len(train), data_args.block_size, seconds, exact,
-        model.config.quantization_config.global_sparsity,
+        model.config.quantization_config.record.global_sparsity,
     )
     trainer.save_model(training_args.output_dir)  # weights, config, masks and model card
     tokenizer.save_pretrained(training_args.output_dir)

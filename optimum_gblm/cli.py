@@ -6,20 +6,11 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
-from .config import GBLMConfig, parse_alpha
-from .scores import METHODS
+from .options import add_config_arguments, add_runtime_arguments, config_from_arguments, runtime_from_arguments
 
 logger = logging.getLogger("optimum_gblm")
-
-
-def _alpha(text: str) -> float | str:
-    try:
-        return parse_alpha(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser, required: bool = False) -> None:
@@ -46,40 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_prune_arguments(prune: argparse.ArgumentParser) -> None:
-    """The `prune` options, shared by `optimum-gblm prune` and `optimum-cli gblm prune`."""
+    """The `prune` options, shared by `optimum-gblm prune` and `optimum-cli gblm prune`.
+
+    The recipe and runtime flags are generated from `GBLMConfig` / `PruningRuntime` and each registered method's
+    options (`optimum_gblm.options`): only the job's own flags (model, output, evaluation, push) are written here.
+    """
     _add_model_arguments(prune)
-    prune.add_argument("--method", default="gblm", choices=sorted(METHODS))
-    prune.add_argument("--sparsity", type=float, default=0.5, help="share of weights removed (N:M: must be N/M)")
-    prune.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M such as 2:4, 4:8")
-    prune.add_argument("--gradient-norm", default="l1", choices=["l1", "l2"])
-    prune.add_argument(
-        "--alpha",
-        type=_alpha,
-        default=100.0,
-        help="weight of the gradient term: a number >= 0 (the paper's 100; 0 = Wanda) or 'auto' (per-layer scale match)",
-    )
-    prune.add_argument(
-        "--calibration",
-        default=None,
-        help="text file, folder, 'c4' or 'wikitext2' (default: Pride and Prejudice, shipped in the package)",
-    )
-    prune.add_argument("--num-samples", type=int, default=128, help="calibration sequences (reference: 128)")
-    prune.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sequence (reference: 2048)")
-    prune.add_argument("--seed", type=int, default=0)
-    prune.add_argument("--target-modules", nargs="+", default=None, help="only these linears, e.g. q_proj down_proj")
-    prune.add_argument("--use-variant", action="store_true", help="Wanda's variant (unstructured only)")
-    prune.add_argument("--scope", default="row", choices=["row", "layer"], help="unstructured: per row or per matrix")
-    prune.add_argument("--gradient-checkpointing", action="store_true")
-    prune.add_argument("--sparsity-profile", default="uniform", choices=["uniform", "owl"], help="OWL: per block")
-    prune.add_argument("--sparsegpt-damping", type=float, default=0.01, help="SparseGPT: dampening of the Hessian")
-    prune.add_argument("--cache-dir", default=None, help="gradient cache folder (default: $HF_HOME/optimum_gblm)")
-    prune.add_argument("--no-cache", action="store_true", help="neither read nor write the gradient cache")
-    prune.add_argument("--output", required=True, help="folder for the pruned checkpoint")
-    prune.add_argument("--overwrite", action="store_true", help="replace an output folder that already has files")
-    prune.add_argument("--eval-data", nargs="+", default=[], help="texts to measure perplexity on, before and after")
-    prune.add_argument("--eval-seqlen", type=int, default=2048, help="evaluation window length (reference: 2048)")
-    prune.add_argument("--eval-max-tokens", type=int, default=None, help="evaluate at most this many tokens per text")
-    prune.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="also upload the checkpoint to the Hub")
+    add_config_arguments(prune)
+    add_runtime_arguments(prune)
+    job = prune.add_argument_group("output and evaluation")
+    job.add_argument("--output", required=True, help="folder for the pruned checkpoint")
+    job.add_argument("--overwrite", action="store_true", help="replace an output folder that already has files")
+    job.add_argument("--eval-data", nargs="+", default=[], help="texts to measure perplexity on, before and after")
+    job.add_argument("--eval-seqlen", type=int, default=2048, help="evaluation window length (reference: 2048)")
+    job.add_argument("--eval-max-tokens", type=int, default=None, help="evaluate at most this many tokens per text")
+    job.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="also upload the checkpoint to the Hub")
 
 
 def add_push_arguments(push: argparse.ArgumentParser) -> None:
@@ -100,71 +72,46 @@ def add_eval_arguments(evaluate: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
-def _resolve_device(requested: str | None) -> str:
-    import torch
-
-    if requested:
-        return requested
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _load(args: argparse.Namespace):
-    import torch
-
+    from .jobs import resolve_device, resolve_dtype
     from .modeling import load_model
 
     model, tokenizer = load_model(
-        args.model, gguf_file=args.gguf_file, dtype=getattr(torch, args.dtype), trust_remote_code=args.trust_remote_code
+        args.model, gguf_file=args.gguf_file, dtype=resolve_dtype(args.dtype), trust_remote_code=args.trust_remote_code
     )
-    return model.to(_resolve_device(args.device)), tokenizer
+    return model.to(resolve_device(args.device)), tokenizer
 
 
 def run_prune(args: argparse.Namespace) -> int:
-    from .data import default_calibration_path, get_evaluation_tokens
-    from .evaluation import perplexity, record_evaluation
-    from .integration import check_output_dir, save_pretrained_atomically
-    from .pruner import GBLMPruner
+    from .jobs import prune_and_save
 
-    output = Path(args.output)
-    check_output_dir(output, args.overwrite, fix="pass --overwrite")
-    calibration = args.calibration or str(default_calibration_path())
-    config = GBLMConfig(
-        method=args.method,
-        sparsity=args.sparsity,
-        pattern=args.pattern,
-        gradient_norm=args.gradient_norm,
-        alpha=args.alpha,
-        num_samples=args.num_samples,
-        seqlen=args.seqlen,
-        seed=args.seed,
-        target_modules=args.target_modules,
-        use_variant=args.use_variant,
-        scope=args.scope,
-        dataset=calibration,
-        gradient_checkpointing=args.gradient_checkpointing,
-        sparsegpt_damping=args.sparsegpt_damping,
-        sparsity_profile=args.sparsity_profile,
+    config = config_from_arguments(args)
+    result = prune_and_save(
+        args.model,
+        config,
+        args.output,
+        runtime=runtime_from_arguments(args),
+        gguf_file=args.gguf_file,
+        dtype=args.dtype,
+        device=args.device,
+        eval_data=args.eval_data,
+        eval_seqlen=args.eval_seqlen,
+        eval_max_tokens=args.eval_max_tokens,
+        overwrite=args.overwrite,
+        push_to_hub=args.push_to_hub,
+        trust_remote_code=args.trust_remote_code,
+        overwrite_fix="pass --overwrite",
     )
-    model, tokenizer = _load(args)
-    texts = {name: get_evaluation_tokens(name, tokenizer) for name in args.eval_data}
-    dense = {name: perplexity(model, tokens, args.eval_seqlen, args.eval_max_tokens) for name, tokens in texts.items()}
-    pruner = GBLMPruner(config, cache_dir=args.cache_dir, use_cache=not args.no_cache)
-    pruner.prune(model, calibration, tokenizer=tokenizer)
-    for name, tokens in texts.items():
-        result = perplexity(model, tokens, args.eval_seqlen, args.eval_max_tokens)
-        record_evaluation(model, name, result, dense[name])
-        print(f"{name}: dense {dense[name]}; pruned {result}")
-    save_pretrained_atomically(model, output, tokenizer=tokenizer, overwrite=True)
-    if args.push_to_hub:
-        from .hub import push_folder_to_hub
-
-        push_folder_to_hub(output, args.push_to_hub)
-        print(f"pushed {output} to {args.push_to_hub}")
-    record = pruner.last_record
+    for name, pruned in result.pruned_perplexity.items():
+        print(f"{name}: dense {result.dense_perplexity[name]}; pruned {pruned}")
+    if result.pushed_to:
+        print(f"pushed {result.output_dir} to {result.pushed_to}: {getattr(result.commit, 'commit_url', result.commit)}")
+    timings = result.timings_seconds
+    sparsity = result.global_sparsity
     print(
         f"pruned {args.model or 'SmolLM2-135M-Instruct'} with {config.method} ({config.pattern}, sparsity "
-        f"{config.sparsity:g}): measured global sparsity {record['config'].global_sparsity:.4f}; gradients "
-        f"{record['timings_seconds']['gradients']:.1f}s, prune {record['timings_seconds']['prune']:.1f}s; saved to {output}"
+        f"{config.sparsity:g}): measured global sparsity {'-' if sparsity is None else f'{sparsity:.4f}'}; gradients "
+        f"{timings.get('gradients', 0.0):.1f}s, prune {timings.get('prune', 0.0):.1f}s; saved to {result.output_dir}"
     )
     return 0
 

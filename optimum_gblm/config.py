@@ -1,4 +1,11 @@
-"""`GBLMConfig`: the pruning recipe, validated on construction and round-tripped through JSON."""
+"""`GBLMConfig`: the pruning recipe, validated on construction and round-tripped through JSON.
+
+Every option is defined once, here (and in each method's `Options` dataclass), with its help text in the field's
+metadata; `optimum_gblm.options` generates the CLI flags, the example scripts' arguments and the model card's
+reproduce command from these fields. What a run measured lives apart, in `record.PruningRecord`; settings that
+change how a run executes but not its result (caches, progress bars, gradient checkpointing) live in
+`PruningRuntime`.
+"""
 
 from __future__ import annotations
 
@@ -14,13 +21,20 @@ from typing import Any
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, register_quantization_config
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .record import FLAT_RESULT_KEYS, PruningRecord
+from .registry import METHODS, PROFILES, get_method, get_profile
+
 GRADIENT_NORMS = ("l1", "l2")
-RESULT_FIELDS = (
-    "base_model", "calibration", "global_sparsity", "layer_sparsity", "layer_alpha", "masks_checksum", "evaluation"
-)
+SCOPES = ("row", "layer")
 # Keys of earlier versions that from_dict still reads: old name -> new name.
 RENAMED_KEYS = {"gradient_scale": "alpha"}
-SCOPES = ("row", "layer")
+# Flat per-method keys of earlier versions: old key -> (method or profile it belonged to, option name).
+FLAT_METHOD_KEYS = {"sparsegpt_damping": ("sparsegpt", "damping"), "sparsegpt_blocksize": ("sparsegpt", "blocksize")}
+FLAT_PROFILE_KEYS = {"owl_threshold": ("owl", "threshold"), "owl_lambda": ("owl", "spread")}
+# Runtime settings that earlier versions stored in the recipe; they never changed the result.
+RUNTIME_KEYS = ("gradient_checkpointing",)
+# Files transformers, PEFT and tokenizers write beside the weights: a mask file must never take one of their names.
+RESERVED_FILE = re.compile(r"(model|pytorch_model|adapter_model|tokenizer|consolidated)([-.].*)?\.safetensors", re.IGNORECASE)
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -56,90 +70,120 @@ def parse_alpha(value: str | float) -> float | str:
     return alpha
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
+def check_int(name: str, value: Any, minimum: int) -> int:
     # bool is an int subclass; `num_samples=True` is a mistake, not 1.
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return value
+
+
+def check_number(name: str, value: Any, low: float, high: float, fix: str = "") -> float:
+    """A finite number in [low, high]; returns it as float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
+        raise ValueError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}.{(' ' + fix) if fix else ''}")
+    return float(value)
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", **metadata: Any) -> Any:  # noqa: A002 (argparse's name)
+    """A dataclass field carrying its help text (and CLI hints such as `choices`, `aliases`, `cli=False`)."""
+    kwargs: dict[str, Any] = {"metadata": {"help": help, **metadata}}
+    if isinstance(default, (list, dict)):
+        kwargs["default_factory"] = lambda: copy.deepcopy(default)
+    elif default is not dataclasses.MISSING:
+        kwargs["default"] = default
+    return field(**kwargs)
+
+
+def options_dict(options_class: type | None, values: Any, what: str) -> dict[str, Any]:
+    """Validate `values` (a mapping or an instance of `options_class`) and return every option, defaults filled in."""
+    if options_class is None:
+        if values:
+            raise ValueError(f"{what} takes no options, got {values!r}.")
+        return {}
+    if dataclasses.is_dataclass(values) and not isinstance(values, type):
+        if not isinstance(values, options_class):
+            raise ValueError(f"{what} needs {options_class.__name__}, got {type(values).__name__}.")
+        values = dataclasses.asdict(values)
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{what} options must be a mapping such as {{'damping': 0.01}}, got {type(values).__name__}.")
+    names = {f.name for f in dataclasses.fields(options_class)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{what} has no options {unknown}; its options are {sorted(names)}.")
+    return dataclasses.asdict(options_class(**values))
+
+
+@dataclass
+class PruningRuntime:
+    """How a run executes, not what it produces: never part of the recipe or the checkpoint."""
+
+    cache_dir: str | None = option(None, "gradient cache folder (default: $OPTIMUM_GBLM_CACHE or $HF_HOME/optimum_gblm)")
+    use_cache: bool = option(True, "read and write the gradient cache", negative_flag="--no-cache")
+    gradient_checkpointing: bool = option(False, "recompute activations in the gradient stage to save memory")
+    show_progress: bool = option(True, "progress bars", cli=False)
 
 
 @dataclass
 class GBLMConfig(QuantizationConfigMixin):
-    """How to prune a causal LM.
+    """How to prune a causal LM: the recipe, saved as `quantization_config` in the checkpoint's config.json.
 
-    Args:
-        method: importance score, a name from `optimum_gblm.scores.SCORES`: "gblm" (|W| (||X||/sqrt(N) + G)),
-            "wanda", "magnitude", "gradient" (|W| G only) or "gblm_inverse"; or "sparsegpt" (prunes and updates).
-        sparsity: share of each layer's weights removed, in [0, 1). With an N:M pattern it must equal N/M.
-        pattern: "unstructured" or N:M such as "2:4" / "4:8" (N removed in every M consecutive inputs of a row).
-        gradient_norm: "l1" (the paper's headline) or "l2" accumulation of per-sequence gradients.
-        alpha: weight of the gradient term, a number >= 0 (the paper's 100; 0 is Wanda) or "auto": per layer,
-            median(||X||/sqrt(N)) / median(G), which puts both terms on the same scale (see `scores.auto_alpha`).
-        num_samples: number of calibration sequences N (reference: 128).
-        seqlen: tokens per calibration sequence T (reference: 2048).
-        seed: seed for drawing calibration windows.
-        target_modules: names (suffixes such as "q_proj", or regexes) of the linears inside the decoder blocks
-            to prune; `None` prunes every linear there. Embeddings and `lm_head` are never pruned.
-        use_variant: Wanda's variant for unstructured masks (one cumulative-score threshold per matrix).
-        scope: "row" removes the same share from every output row (Wanda/GBLM); "layer" uses one threshold over
-            the whole matrix (the reference magnitude baseline). Unstructured only.
-        dataset: calibration source recorded with the recipe ("c4", "wikitext2", a local path); used when
-            `prune()` gets no calibration data.
-        tokenizer: tokenizer name or path, used to tokenize text calibration data.
-        gradient_checkpointing: recompute activations in the gradient stage to save memory.
-        sparsegpt_damping / sparsegpt_blocksize: SparseGPT's dampening (share of mean diag H) and column block.
-        sparsity_profile: "uniform" (every layer at `sparsity`) or "owl" (outlier-weighted per block, unstructured).
-        owl_threshold / owl_lambda: OWL's M (outlier = score above M x mean) and lambda (sparsity within +-lambda).
-
-    Filled in by the pruner and saved with the checkpoint (`config.json`, `quantization_config`):
-        base_model: the model that was pruned (name, GGUF file, licence when known).
-        calibration: source, num_samples, seqlen and seed of the calibration data actually used.
-        global_sparsity / layer_sparsity: the measured share of zeros, overall and per pruned layer.
-        layer_alpha: with alpha="auto", the alpha each layer was scored with.
-        masks_file / masks_checksum: the bit-packed masks beside the weights and the sha256 of their bits.
-        evaluation: perplexity measurements (text, seqlen, tokens, dense and pruned ppl), see `record_evaluation`.
+    `method_options` holds the chosen method's own settings (its `Options` dataclass, e.g. SparseGPT's damping and
+    block size) and `profile_options` the sparsity profile's (OWL's threshold and spread); both accept a mapping or
+    the dataclass and are stored with every default filled in. `record` is what the run measured (see
+    `PruningRecord`); it is filled in by the pruner. Old checkpoints' flat keys (`sparsegpt_damping`, `owl_lambda`,
+    `layer_sparsity`, ...) still load through `from_dict`.
     """
 
-    method: str = "gblm"
-    sparsity: float = 0.5
-    pattern: str = "unstructured"
-    gradient_norm: str = "l1"
-    alpha: float | str = 100.0
-    num_samples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
-    target_modules: list[str] | None = None
-    use_variant: bool = False
-    scope: str = "row"
-    dataset: str | None = None
-    tokenizer: str | None = None
-    gradient_checkpointing: bool = False
-    sparsegpt_damping: float = 0.01
-    sparsegpt_blocksize: int = 128
-    sparsity_profile: str = "uniform"
-    owl_threshold: float = 5.0
-    owl_lambda: float = 0.08
-    base_model: dict[str, Any] | None = None
-    calibration: dict[str, Any] | None = None
-    global_sparsity: float | None = None
-    layer_sparsity: dict[str, float] | None = None
-    layer_alpha: dict[str, float] | None = None
-    masks_file: str = "gblm_masks.safetensors"
-    masks_checksum: str | None = None
-    evaluation: list[dict[str, Any]] | None = None
+    method: str = option(
+        "gblm",
+        "pruning method: gblm (|W| (||X||/sqrt(N) + alpha G)), wanda, magnitude, sparsegpt, ... (see --help)",
+        choices=lambda: sorted(METHODS),
+    )
+    sparsity: float = option(0.5, "share of each layer's weights removed, in [0, 1); with N:M it must equal N/M")
+    pattern: str = option("unstructured", "'unstructured' or N:M such as 2:4 / 4:8 (N removed in every M inputs)")
+    gradient_norm: str = option("l1", "accumulation of per-sequence gradients: l1 (the paper) or l2", choices=GRADIENT_NORMS)
+    alpha: float | str = option(
+        100.0,
+        "weight of the gradient term: a number >= 0 (the paper's 100; 0 = Wanda) or 'auto' (per-layer scale match)",
+        parse=parse_alpha,
+    )
+    num_samples: int = option(128, "calibration sequences N (reference: 128)")
+    seqlen: int = option(2048, "tokens per calibration sequence T (reference: 2048)")
+    seed: int = option(0, "seed for drawing calibration windows")
+    target_modules: list[str] | None = option(
+        None, "only these linears inside the decoder blocks (suffixes such as q_proj, or regexes); default: all", nargs="+"
+    )
+    use_variant: bool = option(False, "Wanda's variant: one cumulative-score threshold per matrix (unstructured)")
+    scope: str = option("row", "unstructured masks per output row (Wanda/GBLM) or per layer (reference magnitude)", choices=SCOPES)
+    sparsity_profile: str = option(
+        "uniform", "sparsity per layer: uniform, or owl (outlier-weighted per block, unstructured)", choices=lambda: sorted(PROFILES)
+    )
+    method_options: dict[str, Any] = option({}, "the method's own settings (its Options dataclass)", cli=False)
+    profile_options: dict[str, Any] = option({}, "the sparsity profile's own settings", cli=False)
+    dataset: str | None = option(
+        None,
+        "calibration text: a file, folder, 'c4' or 'wikitext2' (default: Pride and Prejudice, shipped in the package)",
+        aliases=("--calibration",),
+    )
+    tokenizer: str | None = option(None, "tokenizer name or path for text calibration data (default: the model's)", cli=False)
+    masks_file: str = option("gblm_masks.safetensors", "file name of the bit-packed masks beside the weights", cli=False)
+    record: PruningRecord | None = option(None, "what the run measured (filled in by the pruner)", cli=False)
     quant_method: str = field(default="gblm", init=False)
 
     def __post_init__(self) -> None:
+        self._legacy_recipe: dict[str, Any] | None = None
         self.validate()
 
     # -- validation -------------------------------------------------------------------------------------------
     def validate(self) -> None:
-        from .scores import METHODS  # late import: scores registers methods, config only names them
-
-        if not isinstance(self.method, str) or self.method not in METHODS:
+        method = get_method(self.method) if isinstance(self.method, str) else None
+        if method is None:
             raise ValueError(f"method {self.method!r} is unknown: choose one of {sorted(METHODS)}.")
-        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or math.isnan(self.sparsity):
             raise ValueError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}.")
-        if not (0.0 <= float(self.sparsity) < 1.0) or math.isnan(self.sparsity):
+        if not 0.0 <= float(self.sparsity) < 1.0:
             raise ValueError(f"sparsity must lie in [0, 1), got {self.sparsity!r}; 0.5 removes half of each layer.")
         self.sparsity = float(self.sparsity)
         nm = parse_pattern(self.pattern)
@@ -167,37 +211,30 @@ class GBLMConfig(QuantizationConfigMixin):
                     f"alpha must be a finite number >= 0 (default 100; 0 is Wanda) or 'auto', got {self.alpha!r}."
                 )
             self.alpha = float(self.alpha)
-        _check_int("num_samples", self.num_samples, 1)
-        _check_int("seqlen", self.seqlen, 2)
-        _check_int("seed", self.seed, 0)
-        if self.target_modules is not None:
-            if isinstance(self.target_modules, str):  # one name is a list of one
-                self.target_modules = [self.target_modules]
-            if not isinstance(self.target_modules, (list, tuple)) or not all(
-                isinstance(t, str) and t for t in self.target_modules
-            ):
-                raise ValueError(
-                    f"target_modules must be a list of module names such as ['q_proj', 'down_proj'], "
-                    f"got {self.target_modules!r}."
-                )
-            self.target_modules = list(self.target_modules)
+        check_int("num_samples", self.num_samples, 1)
+        check_int("seqlen", self.seqlen, 2)
+        check_int("seed", self.seed, 0)
+        self._validate_target_modules()
         if not isinstance(self.use_variant, bool):
             raise ValueError(f"use_variant must be True or False, got {self.use_variant!r}.")
         if not isinstance(self.scope, str) or self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}.")
         if self.use_variant and self.scope != "row":
             raise ValueError("use_variant picks per-row thresholds; it cannot be combined with scope='layer'.")
-        if self.dataset is not None and not isinstance(self.dataset, (str, os.PathLike)):
+        if isinstance(self.dataset, os.PathLike):
+            self.dataset = os.fspath(self.dataset)
+        if self.dataset is not None and not isinstance(self.dataset, str):
             raise ValueError(
                 f"dataset must be a name ('c4', 'wikitext2') or a path, got {type(self.dataset).__name__}; pass "
                 f"other calibration data to prune(model, calibration) instead."
             )
-        if isinstance(self.dataset, os.PathLike):
-            self.dataset = os.fspath(self.dataset)
         if isinstance(self.tokenizer, os.PathLike):
             self.tokenizer = os.fspath(self.tokenizer)
-        if self.tokenizer is not None and not isinstance(self.tokenizer, str) and not callable(self.tokenizer):
-            raise ValueError(f"tokenizer must be a tokenizer or its name/path, got {type(self.tokenizer).__name__}.")
+        if self.tokenizer is not None and not isinstance(self.tokenizer, str):
+            raise ValueError(
+                f"tokenizer must be a tokenizer's name or path, got {type(self.tokenizer).__name__}; pass a tokenizer "
+                f"object to prune(model, calibration, tokenizer=tokenizer) instead."
+            )
         if (
             not isinstance(self.masks_file, str)
             or not self.masks_file.endswith(".safetensors")
@@ -206,91 +243,82 @@ class GBLMConfig(QuantizationConfigMixin):
             or self.masks_file.startswith(".")
         ):
             raise ValueError(f"masks_file must be a file name ending in .safetensors, got {self.masks_file!r}.")
-        if not isinstance(self.gradient_checkpointing, bool):
-            raise ValueError(f"gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}.")
-        if (
-            isinstance(self.sparsegpt_damping, bool)
-            or not isinstance(self.sparsegpt_damping, (int, float))
-            or not 0 < self.sparsegpt_damping < 1e6
-        ):
-            raise ValueError(f"sparsegpt_damping must be a number > 0 (default 0.01), got {self.sparsegpt_damping!r}.")
-        self.sparsegpt_damping = float(self.sparsegpt_damping)
-        _check_int("sparsegpt_blocksize", self.sparsegpt_blocksize, 1)
-        nm = self.nm
-        if nm is not None and self.sparsegpt_blocksize % nm[1]:
-            raise ValueError(f"sparsegpt_blocksize must be a multiple of M={nm[1]} for pattern {self.pattern!r}.")
-        if not isinstance(self.sparsity_profile, str) or self.sparsity_profile not in ("uniform", "owl"):
-            raise ValueError(f"sparsity_profile must be 'uniform' or 'owl', got {self.sparsity_profile!r}.")
-        if self.sparsity_profile == "owl" and nm is not None:
-            raise ValueError("sparsity_profile='owl' varies sparsity per block; it needs pattern='unstructured'.")
-        for name, value in (("owl_threshold", self.owl_threshold), ("owl_lambda", self.owl_lambda)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e6:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}.")
-        if self.sparsity_profile == "owl" and not (0 <= self.sparsity - self.owl_lambda and self.sparsity + self.owl_lambda < 1):
+        if RESERVED_FILE.fullmatch(self.masks_file):
             raise ValueError(
-                f"with owl_lambda={self.owl_lambda:g} per-block sparsity would leave [0, 1) around {self.sparsity:g}; "
-                f"lower owl_lambda."
+                f"masks_file {self.masks_file!r} would overwrite the checkpoint's weights, adapter or tokenizer files; "
+                f"choose another name such as 'gblm_masks.safetensors'."
             )
-        self.owl_threshold, self.owl_lambda = float(self.owl_threshold), float(self.owl_lambda)
-        self._validate_results()
+        self.method_options = options_dict(method.Options, self.method_options, f"method {self.method!r}")
+        profile = get_profile(self.sparsity_profile) if isinstance(self.sparsity_profile, str) else None
+        if profile is None:
+            raise ValueError(f"sparsity_profile must be one of {sorted(PROFILES)}, got {self.sparsity_profile!r}.")
+        self.profile_options = options_dict(profile.Options, self.profile_options, f"sparsity_profile {self.sparsity_profile!r}")
+        method.check_config(self)
+        profile.check_config(self)
+        if isinstance(self.record, dict):
+            self.record = PruningRecord.from_dict(self.record)
+        if self.record is not None and not isinstance(self.record, PruningRecord):
+            raise ValueError(f"record must be a PruningRecord, a mapping or None, got {type(self.record).__name__}.")
 
-    def _validate_results(self) -> None:
-        # Results come back from config.json: a hand-edited or damaged file must fail here, not deep in a card.
-        def number(value: Any) -> bool:
-            return not isinstance(value, bool) and isinstance(value, (int, float)) and 0.0 <= value <= 1.0
-
-        for name in ("base_model", "calibration"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
-                raise ValueError(f"{name} must be a mapping or null, got {type(getattr(self, name)).__name__}.")
-        if self.global_sparsity is not None and not number(self.global_sparsity):
-            raise ValueError(f"global_sparsity must be a number in [0, 1] or null, got {self.global_sparsity!r}.")
-        if self.layer_sparsity is not None and (
-            not isinstance(self.layer_sparsity, dict)
-            or not all(isinstance(k, str) and number(v) for k, v in self.layer_sparsity.items())
-        ):
-            raise ValueError("layer_sparsity must map layer names to numbers in [0, 1].")
-        if self.layer_alpha is not None and (
-            not isinstance(self.layer_alpha, dict)
-            or not all(
-                isinstance(k, str) and not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
-                for k, v in self.layer_alpha.items()
+    def _validate_target_modules(self) -> None:
+        if self.target_modules is None:
+            return
+        if isinstance(self.target_modules, str):  # one name is a list of one
+            self.target_modules = [self.target_modules]
+        if not isinstance(self.target_modules, (list, tuple)) or not all(isinstance(t, str) and t for t in self.target_modules):
+            raise ValueError(
+                f"target_modules must be a list of module names such as ['q_proj', 'down_proj'], got {self.target_modules!r}."
             )
-        ):
-            raise ValueError("layer_alpha must map layer names to finite numbers >= 0.")
-        if self.masks_checksum is not None and not (
-            isinstance(self.masks_checksum, str) and re.fullmatch(r"[0-9a-f]{64}", self.masks_checksum)
-        ):
-            raise ValueError(f"masks_checksum must be a sha256 hex digest, got {self.masks_checksum!r}.")
-        if self.evaluation is not None:
-            required = {"data": str, "seqlen": int, "num_tokens": int, "perplexity": (int, float)}
-            if not isinstance(self.evaluation, list) or not all(
-                isinstance(e, dict) and all(isinstance(e.get(k), t) for k, t in required.items()) for e in self.evaluation
-            ):
-                raise ValueError(f"evaluation must be a list of {{{', '.join(required)}, dense_perplexity}} entries.")
+        self.target_modules = list(self.target_modules)
+        for target in self.target_modules:
+            try:
+                re.compile(target)
+            except re.error as error:
+                raise ValueError(
+                    f"target_modules entry {target!r} is neither a module name nor a valid regex ({error}); use a name "
+                    f"suffix such as 'q_proj' or escape special characters (re.escape)."
+                ) from None
 
     # -- derived ----------------------------------------------------------------------------------------------
     @property
     def nm(self) -> tuple[int, int] | None:
         return parse_pattern(self.pattern)
 
+    def options(self) -> Any:
+        """The method's options as its `Options` dataclass (None for a method without options)."""
+        options_class = get_method(self.method).Options
+        return None if options_class is None else options_class(**self.method_options)
+
+    def profile_settings(self) -> Any:
+        """The sparsity profile's options as its `Options` dataclass (None for a profile without options)."""
+        options_class = get_profile(self.sparsity_profile).Options
+        return None if options_class is None else options_class(**self.profile_options)
+
     # -- (de)serialisation ------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        values = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "tokenizer"}
-        # A tokenizer object is recorded by its name: config.json must stay plain JSON.
-        tokenizer = self.tokenizer
-        values["tokenizer"] = tokenizer if tokenizer is None or isinstance(tokenizer, str) else getattr(tokenizer, "name_or_path", None)
+        values = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "record"}
+        values["record"] = None if self.record is None else self.record.to_dict()
         return values
 
     def recipe(self) -> dict[str, Any]:
-        """The settings that define the pruning, without the measured results."""
-        return {k: v for k, v in self.to_dict().items() if k not in RESULT_FIELDS}
+        """The settings that define the pruning, without what the run measured."""
+        values = self.to_dict()
+        values.pop("record")
+        return values
+
+    def checksum_recipes(self) -> list[dict[str, Any]]:
+        """Recipes a stored masks checksum may cover: today's, and the flat form an older checkpoint was written in."""
+        return [self.recipe()] + ([self._legacy_recipe] if self._legacy_recipe is not None else [])
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
-        """Build a config from `to_dict()` output. Unknown keys are an error (a typo must not pass silently)."""
+        """Build a config from `to_dict()` output, or from an older checkpoint's flat keys. Unknown keys are an error
+        (a typo must not pass silently)."""
         if not isinstance(config_dict, dict):
             raise ValueError(f"GBLMConfig.from_dict needs a dict, got {type(config_dict).__name__}.")
         values = {**config_dict, **kwargs}
+        flat = sorted(set(values) & (set(FLAT_RESULT_KEYS) | set(FLAT_METHOD_KEYS) | set(FLAT_PROFILE_KEYS) | set(RUNTIME_KEYS)))
+        legacy = {k: v for k, v in values.items() if k not in FLAT_RESULT_KEYS} if flat else None
         for old, new in RENAMED_KEYS.items():
             if old in values:
                 if new in values:
@@ -299,11 +327,29 @@ class GBLMConfig(QuantizationConfigMixin):
         quant_method = values.pop("quant_method", "gblm")
         if quant_method != "gblm":
             raise ValueError(f"quant_method is {quant_method!r}; a GBLMConfig always has quant_method='gblm'.")
+        results = {k: values.pop(k) for k in FLAT_RESULT_KEYS if k in values}
+        if results and any(v is not None for v in results.values()):
+            if values.get("record") is not None:
+                raise ValueError(f"GBLMConfig got both a record and the flat result keys {sorted(results)}; keep the record.")
+            values["record"] = PruningRecord.from_dict({k: v for k, v in results.items() if v is not None})
+        for key in RUNTIME_KEYS:
+            values.pop(key, None)
+        for table, target, owner_key in (
+            (FLAT_METHOD_KEYS, "method_options", "method"),
+            (FLAT_PROFILE_KEYS, "profile_options", "sparsity_profile"),
+        ):
+            for old, (owner, name) in table.items():
+                if old in values:
+                    value = values.pop(old)
+                    # An old recipe listed every method's settings; only the chosen method's ones mean anything.
+                    if values.get(owner_key, cls.__dataclass_fields__[owner_key].default) == owner:
+                        values[target] = {**(values.get(target) or {}), name: value}
         names = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(values) - names)
         if unknown:
             raise ValueError(f"GBLMConfig got unknown keys {unknown}; valid keys are {sorted(names)}.")
         config = cls(**values)
+        config._legacy_recipe = legacy
         return (config, {}) if return_unused_kwargs else config
 
     def to_json_string(self, use_diff: bool = False) -> str:
@@ -311,7 +357,7 @@ class GBLMConfig(QuantizationConfigMixin):
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_json_string(cls, text: str) -> "GBLMConfig":
+    def from_json_string(cls, text: str) -> GBLMConfig:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
@@ -323,11 +369,9 @@ class GBLMConfig(QuantizationConfigMixin):
             handle.write(self.to_json_string())
 
     @classmethod
-    def from_json_file(cls, json_file_path: str | os.PathLike) -> "GBLMConfig":
+    def from_json_file(cls, json_file_path: str | os.PathLike) -> GBLMConfig:
         with open(json_file_path, encoding="utf-8") as handle:
             return cls.from_json_string(handle.read())
-
-
 
 
 # transformers reads `quant_method: "gblm"` in config.json back into a GBLMConfig once optimum_gblm is imported.

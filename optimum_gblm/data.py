@@ -1,8 +1,18 @@
-"""Calibration and evaluation text.
+"""Calibration and evaluation data.
 
-Sources: a tensor of token ids, a list of strings, a `datasets.Dataset` with a text column, a local text file or a
-folder of them, or the names "c4" and "wikitext2" (loaded with `datasets.load_dataset`, windows drawn as the
-reference loaders draw them). The same seed always gives the same windows.
+Sources: a 2-D tensor of token ids (used as given); token ids as tokenizers and quantization tools produce them (a
+`datasets.Dataset` with an `input_ids` column, a transformers `BatchEncoding` or a dict with `input_ids`, a list of
+id lists, a list of `{"input_ids": ...}` examples as optimum's GPTQ takes them); texts (a list of strings, a
+`datasets.Dataset` with a text column, a local text file or a folder of them); or the names "c4" and "wikitext2"
+(loaded with `datasets.load_dataset`, windows drawn as the reference loaders draw them). The same seed always gives
+the same windows.
+
+optimum's own helpers (`optimum.gptq.data.get_dataset`, `prepare_dataset`) are deliberately not used:
+`get_dataset` reseeds the global `random`, numpy and torch generators (a side effect on the caller) and its
+WikiText-2 loader keeps only the first 1000 rows, while GBLM's reference draws from the whole split; and
+`prepare_dataset` pads variable-length examples with an attention mask for batch-1 loops, whereas pruning here feeds
+one rectangular (num_samples, seqlen) tensor without a mask, so padding would put pad tokens into the activation
+and gradient statistics. Their tokenized form (a list of `{"input_ids", "attention_mask"}` dicts) is accepted.
 """
 
 from __future__ import annotations
@@ -10,9 +20,10 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Union
 
 import torch
 
@@ -23,7 +34,13 @@ NAMED_SOURCES = ("c4", "wikitext2")
 # Offline default: a public-domain novel (Pride and Prejudice, from Debian's r-cran-janeaustenr) in the package.
 DEFAULT_CALIBRATION_FILE = "austen_prideprejudice.txt"
 
-CalibrationSource = Union[torch.Tensor, str, os.PathLike, Sequence[str], Any]
+CalibrationSource = Union[torch.Tensor, str, os.PathLike, Sequence[str], Sequence[Sequence[int]], Mapping, Any]  # noqa: UP007 (a runtime alias)
+
+ACCEPTED_FORMS = (
+    "token ids (a 2-D LongTensor, a datasets.Dataset with an 'input_ids' column, a BatchEncoding or dict with "
+    "'input_ids', a list of id lists), texts (a list of strings, a datasets.Dataset with a text column), a file or "
+    f"folder path, or one of {NAMED_SOURCES}"
+)
 
 
 def default_calibration_path() -> Path:
@@ -37,6 +54,18 @@ def _is_dataset(source: Any) -> bool:
     except ImportError:  # pragma: no cover - datasets is a dependency
         return False
     return isinstance(source, datasets.Dataset)
+
+
+def _check_not_dataset_dict(source: Any) -> None:
+    """A DatasetDict is a dict of splits: say which split to pass rather than looking for `input_ids` in it."""
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        return
+    if isinstance(source, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        raise ValueError(
+            f"got a DatasetDict with splits {list(source)}: pass one split, e.g. dataset[{next(iter(source), 'train')!r}]."
+        )
 
 
 def read_text(source: str | os.PathLike) -> str:
@@ -56,9 +85,12 @@ def read_text(source: str | os.PathLike) -> str:
 
 
 def dataset_text(dataset: Any, text_column: str = "text") -> str:
+    """The rows of a dataset's text column, joined by blank lines (empty rows skipped)."""
     if text_column not in dataset.column_names:
         raise ValueError(
-            f"the dataset has no column {text_column!r} (columns: {dataset.column_names}); pass text_column=..."
+            f"the dataset has no column {text_column!r} (columns: {dataset.column_names}); pass "
+            f"text_column=... (to prune() or get_calibration_data()) naming the text column, or add an 'input_ids' "
+            f"column of token ids."
         )
     return "\n\n".join(t for t in dataset[text_column] if t)
 
@@ -102,6 +134,160 @@ def random_windows(token_ids: torch.Tensor, num_samples: int, seqlen: int, seed:
     return torch.stack([token_ids[s : s + seqlen] for s in starts])
 
 
+# -- token ids as users have them -------------------------------------------------------------------------------
+def _row_tensor(row: Any, what: str, mask: bool = False) -> torch.Tensor:
+    """One sequence of token ids as a 1-D LongTensor (an attention mask row as a bool tensor: any number or bool
+    works there); a (1, T) row (tokenized with return_tensors) is flattened."""
+    values = row.tolist() if hasattr(row, "tolist") else row
+    if isinstance(values, (list, tuple)) and len(values) == 1 and isinstance(values[0], (list, tuple)):
+        values = values[0]
+    if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)):
+        raise ValueError(f"{what}: each row must be a sequence of token ids, got a {type(row).__name__}.")
+    if not values:
+        return torch.zeros(0, dtype=torch.bool if mask else torch.long)
+    try:
+        tensor = torch.tensor(values)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: each row must be a flat sequence of integer token ids.") from None
+    if mask and tensor.dim() == 1:
+        return tensor != 0
+    if tensor.dim() != 1 or tensor.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise ValueError(
+            f"{what}: token ids must be integers in flat rows, got a row of dtype {tensor.dtype} and shape "
+            f"{tuple(tensor.shape)}."
+        )
+    return tensor.long()
+
+
+def _rows_of(ids: Any, what: str, mask: bool = False) -> list[torch.Tensor]:
+    """Rows of a column/array of token ids (or of attention masks): a 2-D tensor, a 1-D tensor or flat list (one
+    row), a list of rows."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() == 1:
+            return [_row_tensor(ids, what, mask)]
+        if ids.dim() == 2:
+            return [_row_tensor(row, what, mask) for row in ids]
+        raise ValueError(f"{what}: token ids must be 1-D or 2-D, got shape {tuple(ids.shape)}.")
+    ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # numpy arrays, datasets columns
+    if ids and all(isinstance(i, (int, float)) for i in ids):
+        return [_row_tensor(ids, what, mask)]
+    return [_row_tensor(row, what, mask) for row in ids]
+
+
+def _apply_attention_mask(rows: list[torch.Tensor], masks: Any, what: str) -> list[torch.Tensor]:
+    """Drop padded positions (attention_mask 0): padding tokens are not text and must not reach the statistics."""
+    mask_rows = _rows_of(masks, what + " attention_mask", mask=True)
+    if len(mask_rows) != len(rows) or any(m.numel() != r.numel() for m, r in zip(mask_rows, rows)):
+        raise ValueError(f"{what}: attention_mask does not match input_ids row for row.")
+    return [r[m] for r, m in zip(rows, mask_rows)]
+
+
+def token_rows(source: Any) -> tuple[list[torch.Tensor], str] | None:
+    """(rows of token ids, description) when `source` holds token ids other than a bare tensor; None for text.
+
+    Padded positions (attention_mask 0) are removed, so a padded BatchEncoding gives its real tokens only.
+    """
+    _check_not_dataset_dict(source)
+    if _is_dataset(source):
+        if "input_ids" not in source.column_names:
+            return None
+        plain = source.with_format(None)
+        what = f"datasets.Dataset ({len(source)} rows)"
+        rows = _rows_of(list(plain["input_ids"]), what)
+        if "attention_mask" in source.column_names:
+            rows = _apply_attention_mask(rows, list(plain["attention_mask"]), what)
+        return rows, f"token ids from a datasets.Dataset ({len(source)} rows)"
+    if isinstance(source, Mapping):
+        kind = type(source).__name__ if type(source).__name__ == "BatchEncoding" else "dict"
+        if "input_ids" not in source:
+            raise ValueError(f"a {kind} of calibration data needs an 'input_ids' entry (keys: {list(source)}).")
+        rows = _rows_of(source["input_ids"], kind)
+        if source.get("attention_mask") is not None:
+            rows = _apply_attention_mask(rows, source["attention_mask"], kind)
+        return rows, f"token ids from a {kind} ({len(rows)} rows)"
+    if isinstance(source, (list, tuple)) and source and not any(isinstance(item, str) for item in source):
+        if all(isinstance(item, Mapping) for item in source):
+            rows = []
+            for example in source:
+                if "input_ids" not in example:
+                    raise ValueError(f"each tokenized example needs 'input_ids' (keys: {list(example)}).")
+                example_rows = _rows_of(example["input_ids"], "tokenized examples")
+                if example.get("attention_mask") is not None:
+                    example_rows = _apply_attention_mask(example_rows, example["attention_mask"], "tokenized examples")
+                rows.extend(example_rows)
+            return rows, f"token ids from {len(source)} tokenized examples"
+        rows = _rows_of(source, "the list of token ids")
+        return rows, f"token ids ({len(rows)} sequences)"
+    return None
+
+
+def _separators(tokenizer: Any) -> tuple[int | None, int | None]:
+    """(separator, bos) ids for joining rows: the tokenizer's EOS (else BOS), as between documents in pre-training."""
+    if tokenizer is None:
+        return None, None
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = _require_tokenizer(tokenizer, "token ids")
+    eos, bos = getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "bos_token_id", None)
+    return (eos if eos is not None else bos), bos
+
+
+def join_rows(rows: list[torch.Tensor], tokenizer: Any = None) -> torch.Tensor:
+    """One stream of the non-empty rows, the separator between two rows unless one already marks the boundary."""
+    separator, bos = _separators(tokenizer)
+    pieces: list[torch.Tensor] = []
+    previous: torch.Tensor | None = None
+    for row in rows:
+        if row.numel() == 0:
+            continue
+        boundary_marked = previous is None or int(previous[-1]) == separator or (bos is not None and int(row[0]) == bos)
+        if separator is not None and not boundary_marked:
+            pieces.append(torch.tensor([separator], dtype=torch.long))
+        pieces.append(row)
+        previous = row
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+
+
+def row_windows(rows: list[torch.Tensor], num_samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """One window of `seqlen` tokens per sample, each inside one row (every row must hold >= seqlen tokens).
+
+    Distinct rows are drawn (seeded, kept in dataset order), so N rows for N samples use every row once; when there
+    are fewer rows than samples, rows are reused at other random offsets.
+    """
+    rng = random.Random(seed)
+    picks: list[int] = []
+    while len(picks) < num_samples:
+        take = min(num_samples - len(picks), len(rows))
+        picks += sorted(rng.sample(range(len(rows)), take))
+    if num_samples > len(rows):
+        logger.warning("calibration: %d rows for %d samples; rows are reused at other offsets", len(rows), num_samples)
+    windows = []
+    for index in picks:
+        row = rows[index]
+        start = rng.randint(0, row.numel() - seqlen)
+        windows.append(row[start : start + seqlen])
+    return torch.stack(windows)
+
+
+def token_windows(
+    rows: list[torch.Tensor], num_samples: int, seqlen: int, seed: int, tokenizer: Any = None, what: str = "calibration data"
+) -> torch.Tensor:
+    """(num_samples, seqlen) windows from rows of token ids of any lengths.
+
+    When every row holds at least `seqlen` tokens, each sample is a window inside one row: GPTQ and llm-compressor
+    users hand over one example per row and expect samples not to run across them. Rows shorter than `seqlen` cannot
+    fill a rectangular window without padding (pad tokens would enter the statistics), so then all rows are joined
+    into one stream, the tokenizer's EOS between them when a tokenizer is given, and windows are drawn at random
+    offsets as the reference draws WikiText-2 windows.
+    """
+    rows = [row for row in rows if row.numel()]
+    if not rows:
+        raise ValueError(f"{what} is empty: it holds no token ids.")
+    if all(row.numel() >= seqlen for row in rows):
+        return row_windows(rows, num_samples, seqlen, seed)
+    logger.info("calibration: rows shorter than seqlen %d; joining %d rows into one token stream", seqlen, len(rows))
+    return random_windows(join_rows(rows, tokenizer), num_samples, seqlen, seed, what)
+
+
 def _c4_windows(tokenizer: Any, num_samples: int, seqlen: int, seed: int) -> torch.Tensor:
     """The reference C4 loader: first training shard, a random document long enough, a random window in it."""
     from datasets import load_dataset
@@ -126,19 +312,32 @@ def _wikitext2_text(split: str) -> str:
     return "\n\n".join(load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])
 
 
-def source_description(source: CalibrationSource) -> str:
+def source_description(source: CalibrationSource, text_column: str = "text") -> str:
     """A short, JSON-friendly description of a data source for recipes and logs."""
     if isinstance(source, torch.Tensor):
         return f"token ids {tuple(source.shape)}"
     if isinstance(source, (str, os.PathLike)):
         return os.fspath(source)
     if _is_dataset(source):
-        return f"datasets.Dataset ({len(source)} rows)"
-    return f"{len(source)} texts"
+        if "input_ids" in source.column_names:
+            return f"token ids from a datasets.Dataset ({len(source)} rows)"
+        column = "" if text_column == "text" else f", column {text_column!r}"
+        return f"datasets.Dataset ({len(source)} rows{column})"
+    if isinstance(source, Mapping) or (isinstance(source, (list, tuple)) and source and not isinstance(source[0], str)):
+        try:
+            found = token_rows(source)
+        except ValueError:
+            found = None
+        if found is not None:
+            return found[1]
+    try:
+        return f"{len(source)} texts"
+    except TypeError:
+        return type(source).__name__
 
 
 def load_text(source: CalibrationSource, text_column: str = "text", split: str = "train") -> str:
-    """The raw text of any non-tensor source."""
+    """The raw text of any text source."""
     if isinstance(source, (str, os.PathLike)):
         if source == "wikitext2":
             return _wikitext2_text(split)
@@ -149,10 +348,7 @@ def load_text(source: CalibrationSource, text_column: str = "text", split: str =
         if not source:
             raise ValueError("the list of calibration texts is empty: pass at least one string.")
         return "\n\n".join(source)
-    raise ValueError(
-        f"cannot use a {type(source).__name__} as text: pass token ids (a LongTensor), a list of strings, a "
-        f"datasets.Dataset, a file or folder path, or one of {NAMED_SOURCES}."
-    )
+    raise ValueError(f"cannot use a {type(source).__name__} as calibration/evaluation data: pass {ACCEPTED_FORMS}.")
 
 
 def get_calibration_data(
@@ -165,8 +361,11 @@ def get_calibration_data(
 ) -> torch.Tensor:
     """Calibration token ids of shape (N, T).
 
-    A tensor is used as given (it must be 2-D integer token ids); text sources are tokenized once and cut into
-    `num_samples` windows of `seqlen` tokens at seeded random offsets.
+    A 2-D tensor is used as given (it must be integer token ids): it is the explicit way to choose every sample.
+    Other token ids (a Dataset with `input_ids`, which wins over its text column; a BatchEncoding or dict; a list of
+    id lists) give `num_samples` windows of `seqlen` tokens as `token_windows` explains; the tokenizer is optional
+    there and only supplies the EOS placed between joined rows. Text sources (`text_column` names a Dataset's text
+    column) are tokenized once and cut into `num_samples` windows of `seqlen` tokens at seeded random offsets.
     """
     if isinstance(source, torch.Tensor):
         if source.dim() != 2 or source.dtype not in (torch.int64, torch.int32) or source.numel() == 0:
@@ -177,20 +376,30 @@ def get_calibration_data(
         if source.shape[1] < 2:
             raise ValueError(f"calibration sequences need at least 2 tokens each, got {source.shape[1]}.")
         return source.long()
-    if source == "c4":
+    if isinstance(source, str) and source == "c4":
         return _c4_windows(_require_tokenizer(tokenizer, "c4"), num_samples, seqlen, seed)
+    found = token_rows(source)
+    if found is not None:
+        rows, description = found
+        windows = token_windows(rows, num_samples, seqlen, seed, tokenizer, what=f"calibration data ({description})")
+        logger.info("calibration: %d windows x %d tokens from %s", num_samples, seqlen, description)
+        return windows
     text = load_text(source, text_column=text_column, split="train")
     token_ids = tokenize(text, _require_tokenizer(tokenizer, "the calibration data"))
     windows = random_windows(token_ids, num_samples, seqlen, seed)
-    logger.info("calibration: %d windows x %d tokens from %s (%d tokens)", num_samples, seqlen, source_description(source), token_ids.numel())
+    logger.info(
+        "calibration: %d windows x %d tokens from %s (%d tokens)",
+        num_samples, seqlen, source_description(source, text_column), token_ids.numel(),
+    )
     return windows
 
 
 def get_evaluation_tokens(source: CalibrationSource, tokenizer: Any = None, text_column: str = "text") -> torch.Tensor:
-    """Evaluation token ids as one 1-D tensor (WikiText-2: the test split joined with blank lines)."""
+    """Evaluation token ids as one 1-D tensor (WikiText-2: the test split joined with blank lines; rows of token
+    ids: joined with the tokenizer's EOS between them, as for calibration)."""
     if isinstance(source, torch.Tensor):
         return source.reshape(-1).long()
-    if source == "c4":
+    if isinstance(source, str) and source == "c4":
         from datasets import load_dataset
 
         documents = load_dataset(
@@ -198,5 +407,11 @@ def get_evaluation_tokens(source: CalibrationSource, tokenizer: Any = None, text
         )
         text = " ".join(documents[:1100]["text"])
     else:
+        found = token_rows(source)
+        if found is not None:
+            stream = join_rows(found[0], tokenizer)
+            if stream.numel() == 0:
+                raise ValueError(f"evaluation data ({found[1]}) is empty: it holds no token ids.")
+            return stream
         text = load_text(source, text_column=text_column, split="test")
     return tokenize(text, _require_tokenizer(tokenizer, "the evaluation data"))

@@ -1,6 +1,8 @@
 """The layer-wise pass: find the decoder blocks of any causal LM, capture what enters block 0, and for each block
-collect input statistics with hooks, let a `LayerPruner` prune the block's linears, re-run the block and hand its
-pruned outputs to the next one. The engine knows nothing about scores; only one block's activations are held.
+collect input statistics with hooks, let a visitor prune (or measure) the block's linears, re-run the block and hand
+its pruned outputs to the next one. The engine knows nothing about which method runs: it asks the method for a
+keep-mask per layer (`prune_layers`) and owns what follows (exact zeros, bit-packed masks, offload write-back).
+Only one block's activations are held.
 
 Models dispatched by accelerate (`from_pretrained(..., device_map=...)` with blocks on "cpu" or "disk") keep their
 offloaded weights on the meta device until an `AlignDevicesHook` onloads them for a forward. The engine onloads one
@@ -13,14 +15,23 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from accelerate.hooks import AlignDevicesHook, SequentialHook
-from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset, named_module_tensors, offload_weight, send_to_device
+from accelerate.utils import (
+    OffloadedWeightsLoader,
+    PrefixedDataset,
+    named_module_tensors,
+    offload_weight,
+    send_to_device,
+)
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
+
+from .masks import pack_mask, unpack_mask
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +91,11 @@ def prunable_modules(model: nn.Module, targets: list[str] | None = None) -> dict
             f"{sorted(block_layers(blocks[0]))[:6]}."
         )
     return modules
+
+
+def _layers_by_block(model: nn.Module, targets: list[str] | None = None) -> list[dict[str, nn.Module]]:
+    prefix, blocks = find_decoder_blocks(model)
+    return [{f"{prefix}.{i}.{n}": m for n, m in block_layers(block, targets).items()} for i, block in enumerate(blocks)]
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
@@ -220,24 +236,26 @@ class Onloaded:
 
 
 def _weight_state(module: nn.Module) -> tuple[int, int]:
-    # Tensor._version counts in-place writes: a layer the pruner only measured (OWL's pass) is not written back.
+    # Tensor._version counts in-place writes: a layer a visitor only measured (OWL's pass) is not written back.
     return id(module.weight), module.weight._version
 
 
-def _prune_and_store(pruner: LayerPruner, name: str, module: nn.Module, stats: Any, onloaded: Onloaded) -> None:
+def _visit_and_store(visitor: LayerVisitor, name: str, module: nn.Module, stats: Any, onloaded: Onloaded) -> None:
     before = _weight_state(module)
-    pruner.prune_layer(name, module, stats)
+    visitor.visit_layer(name, module, stats)
     if _weight_state(module) != before:
         onloaded.store(module)
 
 
 @torch.no_grad()
-def prune_without_calibration(modules: Mapping[str, nn.Module], pruner: LayerPruner) -> None:
-    """Prune layers that need no activations (magnitude), each onloaded on its own when accelerate offloads it."""
-    check_offload_writable(modules)
-    for name, module in modules.items():
-        with Onloaded(module) as onloaded:
-            _prune_and_store(pruner, name, module, None, onloaded)
+def visit_without_calibration(model: nn.Module, visitor: LayerVisitor, targets: list[str] | None = None) -> None:
+    """Visit layers that need no activations (magnitude), block by block, each layer onloaded on its own when
+    accelerate offloads it."""
+    for layers in _layers_by_block(model, targets):
+        for name, module in layers.items():
+            with Onloaded(module) as onloaded:
+                _visit_and_store(visitor, name, module, None, onloaded)
+        visitor.end_block()
 
 
 # -- statistics ------------------------------------------------------------------------------------------------
@@ -274,16 +292,34 @@ class InputStats(RunningStats):
         return self.value
 
 
-class LayerPruner(Protocol):
-    """What the engine asks of a pruning method."""
+class HessianStats(RunningStats):
+    """The layer Hessian of the reconstruction loss, H = (2/N) sum_n X_n^T X_n over N sequences (SparseGPT's)."""
+
+    def __init__(self, d_in: int, device: torch.device):
+        super().__init__(torch.zeros(d_in, d_in, dtype=torch.float32, device=device))
+
+    def contribution(self, rows: torch.Tensor) -> torch.Tensor:
+        return 2 * rows.t() @ rows
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        return self.value
+
+
+class LayerVisitor(Protocol):
+    """What the engine asks of whoever visits the layers: a pruning step (see `prune_layers`) or a measuring pass
+    (OWL's outlier statistics)."""
 
     collects_inputs: bool
 
     def new_stats(self, name: str, module: nn.Module) -> Any:
         """A fresh statistics accumulator with an `add_batch(inputs)` method."""
 
-    def prune_layer(self, name: str, module: nn.Module, stats: Any) -> None:
-        """Prune `module` in place (its full model name is `name`)."""
+    def visit_layer(self, name: str, module: nn.Module, stats: Any) -> None:
+        """Measure or prune `module` (its full model name is `name`); in-place weight changes are written back."""
+
+    def end_block(self) -> None:
+        """Called after the last layer of every decoder block."""
 
 
 # -- capture and replay -----------------------------------------------------------------------------------------
@@ -346,21 +382,19 @@ def _block_output(output: Any) -> torch.Tensor:
 def run_layerwise(
     model: nn.Module,
     input_ids: torch.Tensor,
-    pruner: LayerPruner,
+    visitor: LayerVisitor,
     targets: list[str] | None = None,
     show_progress: bool = True,
 ) -> None:
-    """Prune every decoder block of `model` in order with `pruner`, feeding each block the pruned outputs of the
-    one before it.
+    """Visit every decoder block of `model` in order (statistics from its inputs, then `visitor.visit_layer` for
+    each layer), feeding each block the outputs of the visited (pruned) block before it.
 
     Each block runs on its execution device (accelerate's, for a dispatched model): its offloaded weights are
     onloaded there for the block's turn only, and the calibration activations follow it. The compute device thus
     holds one block's weights, the hidden states of all calibration sequences and one sequence's intermediates.
     """
-    prefix, blocks = find_decoder_blocks(model)
-    layers_of = [
-        {f"{prefix}.{index}.{n}": m for n, m in block_layers(block, targets).items()} for index, block in enumerate(blocks)
-    ]
+    _, blocks = find_decoder_blocks(model)
+    layers_of = _layers_by_block(model, targets)
     check_offload_writable({name: module for layers in layers_of for name, module in layers.items()})
     was_training = model.training
     model.eval()
@@ -370,25 +404,25 @@ def run_layerwise(
             device = execution_device(block)
             hidden, args, kwargs = send_to_device(hidden, device), send_to_device(args, device), send_to_device(kwargs, device)
             with Onloaded(block) as onloaded:
-                _prune_block(block, layers, pruner, hidden, args, kwargs, onloaded)
+                _visit_block(block, layers, visitor, hidden, args, kwargs, onloaded)
                 # The pruned block's outputs become the next block's inputs, overwriting this block's in place.
                 _run_block(block, hidden, args, kwargs, out=hidden)
     finally:
         model.train(was_training)
 
 
-def _prune_block(
+def _visit_block(
     block: nn.Module,
     layers: dict[str, nn.Module],
-    pruner: LayerPruner,
+    visitor: LayerVisitor,
     hidden: torch.Tensor,
     args: tuple,
     kwargs: dict,
     onloaded: Onloaded,
 ) -> None:
     stats = {}
-    if pruner.collects_inputs and layers:
-        stats = {name: pruner.new_stats(name, module) for name, module in layers.items()}
+    if visitor.collects_inputs and layers:
+        stats = {name: visitor.new_stats(name, module) for name, module in layers.items()}
         handles = [
             module.register_forward_pre_hook(lambda mod, inputs, s=stats[name]: s.add_batch(inputs[0]))
             for name, module in layers.items()
@@ -399,7 +433,8 @@ def _prune_block(
             for handle in handles:
                 handle.remove()
     for name, module in layers.items():
-        _prune_and_store(pruner, name, module, stats.pop(name, None), onloaded)
+        _visit_and_store(visitor, name, module, stats.pop(name, None), onloaded)
+    visitor.end_block()
 
 
 def _run_block(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict, out: torch.Tensor | None = None) -> None:
@@ -408,3 +443,76 @@ def _run_block(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict
         if out is not None:
             out[i : i + 1] = result
 
+
+
+# -- pruning: the engine owns what every method's masks must become ---------------------------------------------
+class PruningStep(Protocol):
+    """The part of a pruning method the engine calls (see `methods.base.PruningMethod`)."""
+
+    needs_activations: bool
+
+    def new_stats(self, name: str, module: nn.Module) -> Any: ...
+
+    def prune_layer(self, name: str, module: nn.Module, stats: Any, sparsity: float) -> torch.Tensor: ...
+
+    def finish(self) -> None: ...
+
+
+@dataclass
+class LayerMasks:
+    """Bit-packed keep-masks in each weight's own layout, with the shapes to unpack them."""
+
+    packed: dict[str, torch.Tensor] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def mask(self, name: str) -> torch.Tensor:
+        return unpack_mask(self.packed[name], self.shapes[name])
+
+
+class _MaskRecorder:
+    """Calls the method for each layer and makes its keep-mask true: pruned weights are exactly zero (a method that
+    updates weights in a low precision must not leave a rounded remainder) and the mask is recorded bit-packed."""
+
+    def __init__(self, method: PruningStep, sparsities: Mapping[str, float]):
+        self.method, self.sparsities = method, sparsities
+        self.collects_inputs = method.needs_activations
+        self.masks = LayerMasks()
+
+    def new_stats(self, name: str, module: nn.Module) -> Any:
+        return self.method.new_stats(name, module)
+
+    def visit_layer(self, name: str, module: nn.Module, stats: Any) -> None:
+        weight = weight_matrix(module)
+        mask = self.method.prune_layer(name, module, stats, self.sparsities[name])
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != weight.shape:
+            raise TypeError(
+                f"{type(self.method).__name__}.prune_layer must return a bool keep-mask shaped like the (d_out, d_in) "
+                f"weight {tuple(weight.shape)} of {name}, got {getattr(mask, 'dtype', type(mask).__name__)} "
+                f"{tuple(getattr(mask, 'shape', ()))}."
+            )
+        weight.masked_fill_(~mask.to(weight.device), 0)
+        self.masks.packed[name] = pack_mask(as_matrix(module, mask))
+        self.masks.shapes[name] = tuple(module.weight.shape)
+
+    def end_block(self) -> None:
+        pass
+
+
+@torch.no_grad()
+def prune_layers(
+    model: nn.Module,
+    input_ids: torch.Tensor | None,
+    method: PruningStep,
+    sparsities: Mapping[str, float],
+    targets: list[str] | None = None,
+    show_progress: bool = True,
+) -> LayerMasks:
+    """Prune every targeted layer of `model` with `method` at its sparsity, block by block (inputs propagated through
+    the already-pruned blocks when the method needs activations), then call the method's end-of-pass hook."""
+    recorder = _MaskRecorder(method, sparsities)
+    if method.needs_activations:
+        run_layerwise(model, input_ids, recorder, targets, show_progress=show_progress)
+    else:
+        visit_without_calibration(model, recorder, targets)
+    method.finish()
+    return recorder.masks

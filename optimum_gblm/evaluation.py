@@ -1,5 +1,10 @@
 """Perplexity with the reference protocol: the text tokenized once, cut into non-overlapping windows of `seqlen`
-tokens (the remainder dropped), perplexity = exp(mean token NLL over all windows)."""
+tokens (the remainder dropped), perplexity = exp(mean token NLL over all windows).
+
+A badly broken model (e.g. pruned too hard) can have a mean NLL above ~709.8, where exp overflows a float: its
+perplexity is reported as inf (the mean NLL stays in the result, to compare broken models); NaN logits raise a
+ValueError, since no number describes them and silently recording NaN would hide the breakage.
+"""
 
 from __future__ import annotations
 
@@ -17,9 +22,12 @@ class PerplexityResult:
     seqlen: int
     num_windows: int
     num_tokens: int  # tokens in the windows evaluated (windows x seqlen)
+    mean_nll: float = math.nan  # mean token negative log-likelihood (nats); perplexity = exp(mean_nll)
 
     def __str__(self) -> str:
-        return f"ppl {self.perplexity:.3f} (seqlen {self.seqlen}, {self.num_windows} windows, {self.num_tokens} tokens)"
+        # An overflowed perplexity says nothing alone: the mean NLL still ranks broken models.
+        nll = f", mean NLL {self.mean_nll:.1f}" if math.isinf(self.perplexity) else ""
+        return f"ppl {self.perplexity:.3f} (seqlen {self.seqlen}, {self.num_windows} windows, {self.num_tokens} tokens{nll})"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,12 +59,27 @@ def perplexity(
         for w in tqdm(range(num_windows), desc=f"Perplexity (seqlen {seqlen})", disable=not show_progress):
             window = token_ids[w * seqlen : (w + 1) * seqlen].unsqueeze(0).to(device)
             logits = model(input_ids=window, use_cache=False).logits.float()
-            nll = nn.functional.cross_entropy(logits[0, :-1], window[0, 1:], reduction="sum")
-            total_nll += nll.item()
+            nll = nn.functional.cross_entropy(logits[0, :-1], window[0, 1:], reduction="sum").item()
+            if math.isnan(nll):
+                raise ValueError(
+                    f"the model is broken: it gives NaN logits on evaluation window {w} (tokens {w * seqlen}.."
+                    f"{(w + 1) * seqlen}), so no perplexity exists. Check its weights for NaN/inf, or load it in "
+                    f"float32 if float16 overflows."
+                )
+            total_nll += nll
             total_predicted += seqlen - 1
     finally:
         model.train(was_training)
-    return PerplexityResult(math.exp(total_nll / total_predicted), seqlen, num_windows, num_windows * seqlen)
+    mean_nll = total_nll / total_predicted
+    return PerplexityResult(perplexity_of(mean_nll), seqlen, num_windows, num_windows * seqlen, mean_nll)
+
+
+def perplexity_of(mean_nll: float) -> float:
+    """exp(mean NLL), inf where that overflows a float (a mean NLL above ~709.8 nats) instead of raising."""
+    try:
+        return math.exp(mean_nll)
+    except OverflowError:
+        return math.inf
 
 
 def record_evaluation(
@@ -65,6 +88,7 @@ def record_evaluation(
     """Store a perplexity measurement (and the dense one before pruning, if given) in the pruned model's config,
     so that `save_pretrained` puts it in config.json and the model card."""
     from .config import GBLMConfig
+    from .record import PruningRecord
 
     config = getattr(getattr(model, "config", None), "quantization_config", None)
     if not isinstance(config, GBLMConfig):
@@ -78,8 +102,9 @@ def record_evaluation(
         "dense_perplexity": None if dense is None else round(dense.perplexity, 6),
         "perplexity": round(result.perplexity, 6),
     }
-    kept = [e for e in (config.evaluation or []) if (e["data"], e["seqlen"]) != (data, result.seqlen)]
-    config.evaluation = kept + [entry]
+    if config.record is None:
+        config.record = PruningRecord()
+    config.record.record_evaluation(entry)
 
 
 # -- zero-shot multiple choice ----------------------------------------------------------------------------------

@@ -22,8 +22,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -143,7 +144,7 @@ def compute_gradient_norms(
         # be cached under the key of whatever weights the model now holds.
         raise ValueError(
             "this model still carries the masks of an earlier prune, whose hooks zero the masked weights' gradients. "
-            "Call optimum_gblm.integration.detach_masks(model) first (or restore_dense(model, dense_state_dict)); "
+            "Call optimum_gblm.sparse_state.detach_masks(model) first (or restore_dense(model, dense_state_dict)); "
             "GBLMPruner.prune does this itself."
         )
     check_not_fsdp1(model)
@@ -370,10 +371,23 @@ def check_gradient_norms(norms: dict[str, torch.Tensor], modules: dict[str, nn.M
             f"another model or other target_modules. Recompute it for this model."
         )
     for name, module in modules.items():
-        if tuple(norms[name].shape) != tuple(module.weight.shape):
+        value = norms[name]
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             raise ValueError(
-                f"{source}: gradient norms for {name} have shape {tuple(norms[name].shape)} but the weight has "
+                f"{source}: gradient norms for {name} must be a floating-point tensor, got "
+                f"{getattr(value, 'dtype', type(value).__name__)}; recompute them with compute_gradient_norms."
+            )
+        if tuple(value.shape) != tuple(module.weight.shape):
+            raise ValueError(
+                f"{source}: gradient norms for {name} have shape {tuple(value.shape)} but the weight has "
                 f"shape {tuple(module.weight.shape)}; the norms come from another model. Recompute them."
+            )
+        # Norms are sums of |g| or sqrt of sums of g^2: NaN, inf or a negative value means a broken run or file,
+        # and scoring with them would silently prune by column position.
+        if not bool(torch.isfinite(value).all()) or bool((value < 0).any()):
+            raise ValueError(
+                f"{source}: gradient norms for {name} contain NaN, inf or negative values; recompute them (in float32 "
+                f"if the model is in half precision) or delete the broken cache entry."
             )
 
 

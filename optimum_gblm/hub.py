@@ -21,7 +21,10 @@ from typing import Any
 
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 
+from . import checkpoint  # noqa: F401  (registers write_masks first: a save writes the masks, then the card)
 from .config import GBLMConfig
+from .record import PruningRecord
+from .sparse_state import register_save_hook, set_push_handler
 
 logger = logging.getLogger(__name__)
 
@@ -30,32 +33,29 @@ CARD_FILE = "README.md"
 
 # -- the card ---------------------------------------------------------------------------------------------------
 def reproduce_command(config: GBLMConfig) -> str:
-    """The `optimum-gblm prune` command that redoes this pruning (output folder left to fill in)."""
-    base = config.base_model or {}
+    """The `optimum-gblm prune` command that redoes this pruning (output folder left to fill in).
+
+    The recipe flags come from `options.command_line_arguments` (generated from the recipe's fields, so every method
+    and profile option is covered); the calibration source is the one the run actually used, when it can be named
+    on a command line (a path or 'c4' / 'wikitext2', not in-memory token ids or texts, not the shipped default).
+    """
+    from .data import default_calibration_path
+    from .options import command_line_arguments
+
+    record = config.record if config.record is not None else PruningRecord()
+    base = record.base_model or {}
     parts = ["optimum-gblm", "prune"]
     if not base.get("default"):
         if base.get("name"):
             parts += ["--model", base["name"]]
         if base.get("gguf_file"):
             parts += ["--gguf-file", base["gguf_file"]]
-    parts += ["--method", config.method, "--sparsity", f"{config.sparsity:g}", "--pattern", config.pattern]
-    if config.method not in ("magnitude",):
-        source = (config.calibration or {}).get("source") or config.dataset
-        if source and not source.startswith(("token ids", "datasets.Dataset")) and not source.endswith(" texts"):
-            parts += ["--calibration", source]
-        parts += ["--num-samples", str(config.num_samples), "--seqlen", str(config.seqlen), "--seed", str(config.seed)]
-    if config.method in ("gblm", "gradient", "gblm_inverse"):
-        parts += ["--gradient-norm", config.gradient_norm, "--alpha", config.alpha if config.alpha == "auto" else f"{config.alpha:g}"]
-    if config.target_modules:
-        parts += ["--target-modules", *config.target_modules]
-    if config.use_variant:
-        parts.append("--use-variant")
-    if config.scope != "row":
-        parts += ["--scope", config.scope]
-    if config.sparsity_profile != "uniform":
-        parts += ["--sparsity-profile", config.sparsity_profile]
-    if config.method == "sparsegpt" and config.sparsegpt_damping != 0.01:
-        parts += ["--sparsegpt-damping", f"{config.sparsegpt_damping:g}"]
+    source = (record.calibration or {}).get("source") or config.dataset
+    if not isinstance(source, str) or source.startswith(("token ids", "datasets.Dataset")) or source.endswith(" texts"):
+        source = config.dataset
+    if source == str(default_calibration_path()):
+        source = None
+    parts += command_line_arguments(config, always=("method", "sparsity", "pattern"), dataset=source)
     parts += ["--output", "OUTPUT_DIR"]
     return shlex.join(parts)
 
@@ -79,12 +79,13 @@ def _layer_table(layer_sparsity: dict[str, float]) -> str:
 def build_model_card(config: GBLMConfig, model_config: dict[str, Any] | None = None, model_name: str | None = None) -> ModelCard:
     """The card of a pruned checkpoint, from its `GBLMConfig` (recipe + measured results)."""
     model_config = model_config or {}
-    base = config.base_model or {}
+    record = config.record if config.record is not None else PruningRecord()
+    base = record.base_model or {}
     base_name = base.get("name")
     model_name = model_name or (f"{base_name.split('/')[-1]}-{config.method}-{config.pattern.replace(':', 'of')}" if base_name else "pruned-model")
     tags = ["pruned", "sparse", "gblm", "optimum-gblm", config.method]
     tags.append("unstructured-sparsity" if config.nm is None else f"{config.pattern.replace(':', 'of')}-sparsity")
-    evaluations = config.evaluation or []
+    evaluations = record.evaluation or []
     eval_results = [
         EvalResult(
             task_type="text-generation",
@@ -106,12 +107,12 @@ def build_model_card(config: GBLMConfig, model_config: dict[str, Any] | None = N
         eval_results=eval_results or None,
     )
     architecture = (model_config.get("architectures") or ["a causal LM"])[0]
-    calibration = config.calibration or {}
+    calibration = record.calibration or {}
     lines = [
         f"# {model_name}",
         "",
         f"{base_name or 'A causal language model'} ({architecture}) pruned to "
-        f"**{config.global_sparsity if config.global_sparsity is not None else config.sparsity:.2%} sparsity** "
+        f"**{record.global_sparsity if record.global_sparsity is not None else config.sparsity:.2%} sparsity** "
         f"({config.pattern}) with **{config.method}** by [optimum-gblm](https://pypi.org/project/optimum-gblm/).",
     ]
     if base.get("gguf_file"):
@@ -136,9 +137,9 @@ def build_model_card(config: GBLMConfig, model_config: dict[str, Any] | None = N
     else:
         lines.append("None: magnitude pruning uses the weights alone.")
     lines += ["", "## Measured sparsity", ""]
-    if config.global_sparsity is not None:
-        lines.append(f"Global (all pruned layers): **{config.global_sparsity:.4f}**. Per layer:")
-        lines += ["", _layer_table(config.layer_sparsity or {})]
+    if record.global_sparsity is not None:
+        lines.append(f"Global (all pruned layers): **{record.global_sparsity:.4f}**. Per layer:")
+        lines += ["", _layer_table(record.layer_sparsity or {})]
     lines += ["", "## Evaluation", ""]
     if evaluations:
         lines += ["| text | seqlen | tokens | dense ppl | pruned ppl |", "|---|---|---|---|---|"]
@@ -178,6 +179,9 @@ def write_model_card(model: Any, save_directory: str | os.PathLike) -> Path:
     path = Path(save_directory) / CARD_FILE
     card.save(str(path))
     return path
+
+
+register_save_hook(write_model_card)  # after checkpoint.write_masks (imported above)
 
 
 # -- pushing ----------------------------------------------------------------------------------------------------
@@ -252,3 +256,6 @@ def push_to_hub(model: Any, repo_id: str, tokenizer: Any = None, **kwargs: Any):
         card = build_model_card(model.config.quantization_config, model.config.to_dict(), model_name=repo_id)
         card.save(os.path.join(staging, CARD_FILE))
         return push_folder_to_hub(staging, repo_id, **kwargs)
+
+
+set_push_handler(push_to_hub)  # a pruned model's push_to_hub uploads through push_to_hub above

@@ -6,7 +6,7 @@ Patterns live in `MASK_SELECTORS`: a new pattern is one function plus one regist
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -1,8 +1,13 @@
-"""`GBLMPruner`: calibration data -> (gradient norms) -> layer-wise scores and masks -> a sparse model that records
-what was done in its config."""
+"""`GBLMPruner`: calibration data -> (gradient norms) -> layer-wise masks from a registered method -> a sparse model
+that records what was done in its config.
+
+The pruner knows no method by name: it asks the registry for the configured method and sparsity profile, checks
+everything it can before the first weight changes, and hands the rest to the engine.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -13,57 +18,24 @@ import torch
 from optimum.quantization_base import OptimumQuantizer
 from torch import nn
 
-from .config import GBLMConfig
+from .checkpoint import check_output_dir, save_pretrained_atomically
+from .config import GBLMConfig, PruningRuntime
 from .data import CalibrationSource, get_calibration_data, source_description
-from .engine import InputStats, as_matrix, find_decoder_blocks, prunable_modules, run_layerwise, weight_matrix
-from .engine import check_offload_writable, is_offloaded, prune_without_calibration
+from .engine import (
+    check_offload_writable,
+    find_decoder_blocks,
+    is_offloaded,
+    prunable_modules,
+    prune_layers,
+    weight_matrix,
+)
 from .gradients import cached_gradient_norms, check_gradient_norms, check_not_fsdp1, is_dtensor, load_gradient_norms
-from .integration import attach_masks, check_output_dir, detach_masks, save_pretrained_atomically
-from .masks import pack_mask, select_mask, unpack_mask
 from .modeling import base_model_info, load_model, strip_gguf_quantization
-from .scores import ScoreSpec, auto_alpha, get_score
-from .owl import OutlierMeter, block_of, owl_sparsities
-from .sparsegpt import SparseGPTPruner
+from .record import PruningRecord
+from .registry import get_method, get_profile
+from .sparse_state import attach_masks, detach_masks, sparsity_report
 
 logger = logging.getLogger(__name__)
-
-
-class ScorePruner:
-    """Prunes a layer by masking its lowest-scoring weights (magnitude, Wanda, GBLM and variants)."""
-
-    def __init__(self, config: GBLMConfig, score: ScoreSpec, gradient_norms: dict[str, torch.Tensor] | None):
-        self.config, self.score, self.gradient_norms = config, score, gradient_norms
-        self.collects_inputs = score.needs_activations
-        self.packed_masks: dict[str, torch.Tensor] = {}
-        self.mask_shapes: dict[str, tuple[int, ...]] = {}
-        self.layer_sparsity: dict[str, float] = {}  # per-layer overrides (OWL); others use config.sparsity
-        self.layer_alpha: dict[str, float] = {}  # alpha each layer was scored with, when alpha="auto"
-
-    def new_stats(self, name: str, module: nn.Module):
-        return InputStats(weight_matrix(module).shape[1], module.weight.device)
-
-    def scores_for(self, name: str, module: nn.Module, stats: Any) -> torch.Tensor:
-        weight = weight_matrix(module)
-        input_sq_mean = stats.sq_mean if stats is not None else None
-        gradient = None
-        if self.score.needs_gradients:
-            gradient = as_matrix(module, self.gradient_norms[name]).to(weight.device)
-            # alpha only matters where the gradient term is weighed against the activation term.
-            if self.score.needs_activations:
-                alpha = self.config.alpha
-                if alpha == "auto":
-                    alpha = self.layer_alpha[name] = auto_alpha(input_sq_mean, gradient)
-                gradient = gradient * alpha
-        return self.score.fn(weight, input_sq_mean, gradient)
-
-    @torch.no_grad()
-    def prune_layer(self, name: str, module: nn.Module, stats: Any) -> None:
-        weight = weight_matrix(module)
-        mask = select_mask(self.scores_for(name, module, stats), self.config, self.layer_sparsity.get(name))
-        weight.masked_fill_(~mask, 0)
-        # Stored bit-packed in the weight's own layout: 1/8 byte per weight, whatever the model size.
-        self.packed_masks[name] = pack_mask(as_matrix(module, mask))
-        self.mask_shapes[name] = tuple(module.weight.shape)
 
 
 class GBLMPruner(OptimumQuantizer):
@@ -78,20 +50,26 @@ class GBLMPruner(OptimumQuantizer):
     def __init__(
         self,
         config: GBLMConfig | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        use_cache: bool = True,
-        show_progress: bool = True,
-        **config_kwargs: Any,
+        runtime: PruningRuntime | None = None,
+        **kwargs: Any,
     ):
+        """`GBLMPruner(config)`, or `GBLMPruner(method="wanda", ...)` with the recipe's fields; how the run executes
+        (`cache_dir`, `use_cache`, `show_progress`, `gradient_checkpointing`) as a `PruningRuntime` or keywords."""
+        runtime_names = {f.name for f in dataclasses.fields(PruningRuntime)}
+        runtime_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in runtime_names}
+        if runtime is not None and runtime_kwargs:
+            raise ValueError("pass either runtime=PruningRuntime(...) or its fields as keyword arguments, not both.")
         if config is None:
-            config = GBLMConfig(**config_kwargs)
-        elif config_kwargs:
+            config = GBLMConfig(**kwargs)
+        elif kwargs:
             raise ValueError("pass either a GBLMConfig or its fields as keyword arguments, not both.")
         if not isinstance(config, GBLMConfig):
             raise ValueError(f"config must be a GBLMConfig, got {type(config).__name__}.")
         config.validate()
         self.config = config
-        self.cache_dir, self.use_cache, self.show_progress = cache_dir, use_cache, show_progress
+        if "cache_dir" in runtime_kwargs and runtime_kwargs["cache_dir"] is not None:
+            runtime_kwargs["cache_dir"] = os.fspath(runtime_kwargs["cache_dir"])
+        self.runtime = runtime if runtime is not None else PruningRuntime(**runtime_kwargs)
         self.model: nn.Module | None = None
         self.tokenizer: Any = None
 
@@ -104,7 +82,7 @@ class GBLMPruner(OptimumQuantizer):
         config: GBLMConfig | None = None,
         tokenizer: Any = None,
         **kwargs: Any,
-    ) -> "GBLMPruner":
+    ) -> GBLMPruner:
         """Bind a model (an instance, or a Hub id / folder loaded with `load_model`; `file_name` names a GGUF file
         in it) to a new pruner, for `quantize(save_dir)`."""
         if isinstance(model_or_path, nn.Module):
@@ -135,11 +113,9 @@ class GBLMPruner(OptimumQuantizer):
 
     def push_to_hub(self, repo_id: str, **kwargs: Any):
         """Upload the pruned bound model (weights, config, masks, model card) in one commit."""
-        from .hub import push_to_hub
-
-        if self.model is None or not hasattr(getattr(self.model, "config", None), "quantization_config"):
+        if self.model is None or not isinstance(getattr(self.model.config, "quantization_config", None), GBLMConfig):
             raise ValueError("nothing to push: bind a model with from_pretrained() and prune it (quantize()) first.")
-        return push_to_hub(self.model, repo_id, tokenizer=self.tokenizer, **kwargs)
+        return self.model.push_to_hub(repo_id, tokenizer=self.tokenizer, **kwargs)
 
     def prune(
         self,
@@ -147,20 +123,22 @@ class GBLMPruner(OptimumQuantizer):
         calibration: CalibrationSource | None = None,
         tokenizer: Any = None,
         gradient_norms: dict[str, torch.Tensor] | str | os.PathLike | None = None,
+        text_column: str = "text",
     ) -> nn.Module:
         """Prune `model` in place and return it.
 
         Args:
             model: a transformers causal LM (any decoder-only model whose blocks form an nn.ModuleList).
-            calibration: token ids (N, T), texts, a datasets.Dataset, a file/folder, "c4" or "wikitext2";
-                defaults to `config.dataset`. Not needed for magnitude pruning.
+            calibration: token ids (N, T), a BatchEncoding or lists of ids, texts, a datasets.Dataset (text or
+                input_ids), a file/folder, "c4" or "wikitext2"; defaults to `config.dataset`. Not needed for
+                magnitude pruning.
             tokenizer: tokenizer (or its name) for text calibration data; defaults to `config.tokenizer`.
             gradient_norms: precomputed norms (a dict or a safetensors path) instead of computing/caching them.
+            text_column: the text column of a datasets.Dataset (ignored when it has input_ids).
         """
-        config = self.config
-        score = get_score(config.method) if config.method != "sparsegpt" else None
-        needs_activations = score is None or score.needs_activations
-        needs_gradients = score is not None and score.needs_gradients
+        config, runtime = self.config, self.runtime
+        method_class, profile = get_method(config.method), get_profile(config.sparsity_profile)(config)
+        needs_activations, needs_gradients = method_class.needs_activations, method_class.gradients_needed(config)
         start = time.perf_counter()
         # Check everything before touching the model: bad input must leave it as it was.
         find_decoder_blocks(model)
@@ -168,11 +146,20 @@ class GBLMPruner(OptimumQuantizer):
         modules = prunable_modules(model, config.target_modules)
         check_not_sharded(modules)
         check_offload_writable(modules)
+        check_pattern_fits(modules, config)
+        check_finite_weights(modules)
         if needs_gradients and gradient_norms is None:
             check_gradients_computable(modules)
+        norms = None
+        if needs_gradients and gradient_norms is not None:
+            if isinstance(gradient_norms, (str, os.PathLike)):
+                norms = load_gradient_norms(gradient_norms, modules)
+            else:
+                check_gradient_norms(gradient_norms, modules)
+                norms = gradient_norms
 
         input_ids = None
-        if needs_activations or needs_gradients:
+        if needs_activations or needs_gradients or profile.needs_calibration(method_class):
             if calibration is None:
                 calibration = config.dataset
             if calibration is None:
@@ -186,88 +173,57 @@ class GBLMPruner(OptimumQuantizer):
                 num_samples=config.num_samples,
                 seqlen=config.seqlen,
                 seed=config.seed,
+                text_column=text_column,
             )
 
         strip_gguf_quantization(model)  # GGUF's quantizer state would clash with ours
         detach_masks(model)  # a fresh prune replaces any earlier one
-        norms = None
         gradient_seconds = 0.0
-        if needs_gradients:
-            if gradient_norms is not None:
-                if isinstance(gradient_norms, (str, os.PathLike)):
-                    norms = load_gradient_norms(gradient_norms, modules)
-                else:
-                    check_gradient_norms(gradient_norms, modules)
-                    norms = gradient_norms
-            else:
-                tick = time.perf_counter()
-                norms = cached_gradient_norms(
-                    model,
-                    input_ids,
-                    modules,
-                    norm=config.gradient_norm,  # stored without alpha: one cache serves every alpha
-                    cache_dir=self.cache_dir,
-                    use_cache=self.use_cache,
-                    gradient_checkpointing=config.gradient_checkpointing,
-                    show_progress=self.show_progress,
-                )
-                gradient_seconds = time.perf_counter() - tick
+        if needs_gradients and norms is None:
+            tick = time.perf_counter()
+            norms = cached_gradient_norms(
+                model,
+                input_ids,
+                modules,
+                norm=config.gradient_norm,  # stored without alpha: one cache serves every alpha
+                cache_dir=runtime.cache_dir,
+                use_cache=runtime.use_cache,
+                gradient_checkpointing=runtime.gradient_checkpointing,
+                show_progress=runtime.show_progress,
+            )
+            gradient_seconds = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        layer_pruner = SparseGPTPruner(config) if score is None else ScorePruner(config, score, norms)
-
-        def run(pruner) -> None:
-            if needs_activations:
-                run_layerwise(model, input_ids, pruner, config.target_modules, show_progress=self.show_progress)
-            else:
-                prune_without_calibration(modules, pruner)
-
-        if config.sparsity_profile == "owl":
-            # One measuring pass over the dense model, then per-block sparsities for the pruning pass.
-            scorer = layer_pruner if score is not None else ScorePruner(config, get_score("wanda"), None)
-            meter = OutlierMeter(scorer.scores_for, config.owl_threshold)
-            run(meter)
-            meter.finish()
-            per_block = owl_sparsities(meter.outlier_share, meter.block_params, config.sparsity, config.owl_lambda)
-            layer_pruner.layer_sparsity = {name: per_block[block_of(name)] for name in modules}
-            logger.info("OWL per-block sparsity: %s", {b: round(v, 4) for b, v in per_block.items()})
-        run(layer_pruner)
+        method = method_class(config, norms)
+        sparsities = profile.layer_sparsities(model, input_ids, method, modules, show_progress=runtime.show_progress)
+        masks = prune_layers(model, input_ids, method, sparsities, config.target_modules, runtime.show_progress)
         prune_seconds = time.perf_counter() - tick
 
-        report = sparsity_report(
-            modules,
-            {n: unpack_mask(p, layer_pruner.mask_shapes[n]) for n, p in layer_pruner.packed_masks.items()},
-        )
+        report = sparsity_report(modules, {name: masks.mask(name) for name in masks.packed})
         calibration_record = None
+        recipe = config.recipe()
         if input_ids is not None:
             calibration_record = {
-                "source": source_description(calibration),
+                "source": source_description(calibration, text_column),
                 "num_samples": int(input_ids.shape[0]),
                 "seqlen": int(input_ids.shape[1]),
                 "seed": config.seed,
             }
-        result = GBLMConfig.from_dict(
-            {
-                **config.recipe(),
-                # What was actually used: a tensor of token ids sets its own size.
-                **({} if input_ids is None else {"num_samples": calibration_record["num_samples"], "seqlen": calibration_record["seqlen"]}),
-                "base_model": base_model_info(model),
-                "calibration": calibration_record,
-                **report,
-                "layer_alpha": dict(layer_pruner.layer_alpha) if config.alpha == "auto" and score is not None else None,
-                "masks_checksum": None,
-            }
-        )
-        attach_masks(model, result, layer_pruner.packed_masks, layer_pruner.mask_shapes)
-        record = {
-            "config": result,
-            "timings_seconds": {
+            # What was actually used: a tensor of token ids sets its own size.
+            recipe.update(num_samples=calibration_record["num_samples"], seqlen=calibration_record["seqlen"])
+        record = PruningRecord(
+            base_model=base_model_info(model),
+            calibration=calibration_record,
+            global_sparsity=report["global_sparsity"],
+            layer_sparsity=report["layer_sparsity"],
+            layer_settings=method.layer_settings,
+            timings_seconds={
                 "gradients": round(gradient_seconds, 3),
                 "prune": round(prune_seconds, 3),
                 "total": round(time.perf_counter() - start, 3),
             },
-        }
-        self.last_record = record
+        )
+        attach_masks(model, GBLMConfig.from_dict({**recipe, "record": record}), masks.packed, masks.shapes)
         logger.info(
             "pruned %d layers with %s (%s): global sparsity %.4f; gradients %.1fs, prune %.1fs",
             len(modules),
@@ -278,6 +234,32 @@ class GBLMPruner(OptimumQuantizer):
             prune_seconds,
         )
         return model
+
+
+def check_finite_weights(modules: dict[str, nn.Module]) -> None:
+    """NaN or inf weights make every score meaningless; saving such a model would ship the damage silently."""
+    for name, module in modules.items():
+        weight = module.weight
+        if weight.device.type != "meta" and not is_dtensor(weight) and not bool(torch.isfinite(weight).all()):
+            raise ValueError(
+                f"{name} has NaN or inf weights: the model is damaged (or overflowed after a half-precision "
+                f"conversion). Reload it from its checkpoint, in float32 if it was converted, before pruning."
+            )
+
+
+def check_pattern_fits(modules: dict[str, nn.Module], config: GBLMConfig) -> None:
+    """N:M groups run along each row's inputs: every targeted layer's input width must be a multiple of M."""
+    nm = config.nm
+    if nm is None:
+        return
+    misfits = [name for name, module in modules.items() if weight_matrix(module).shape[1] % nm[1]]
+    if misfits:
+        width = weight_matrix(modules[misfits[0]]).shape[1]
+        raise ValueError(
+            f"pattern {config.pattern!r} needs every pruned layer's input width to be a multiple of {nm[1]}, but "
+            f"{misfits[0]} has {width} inputs ({len(misfits)} such layers): leave them out with target_modules, or "
+            f"choose an M that divides their width."
+        )
 
 
 def check_not_sharded(modules: dict[str, nn.Module]) -> None:
@@ -307,31 +289,15 @@ def check_gradients_computable(modules: dict[str, nn.Module]) -> None:
         )
 
 
-def sparsity_report(
-    modules: dict[str, nn.Module], masks: dict[str, torch.Tensor] | None = None
-) -> dict[str, Any]:
-    """Share of pruned weights per layer and over all of them: from keep-masks when given, else the exact zeros.
-
-    Masks are what pruning removed; zeros can also include kept weights that happen to be 0.0 (dequantized GGUF
-    weights have some) and that fine-tuning may move.
-    """
-    pruned = total = 0
-    per_layer = {}
-    for name, module in modules.items():
-        layer_pruned = int((~masks[name]).sum()) if masks is not None else int((module.weight == 0).sum())
-        per_layer[name] = round(layer_pruned / module.weight.numel(), 6)
-        pruned += layer_pruned
-        total += module.weight.numel()
-    return {"global_sparsity": round(pruned / total, 6), "layer_sparsity": per_layer}
-
-
 def prune(
     model: nn.Module,
     calibration: CalibrationSource | None = None,
     config: GBLMConfig | None = None,
     tokenizer: Any = None,
     gradient_norms: dict[str, torch.Tensor] | str | os.PathLike | None = None,
+    text_column: str = "text",
     **config_kwargs: Any,
 ) -> nn.Module:
     """Functional form: `prune(model, calibration, method="wanda", sparsity=0.5, tokenizer=tok)`."""
-    return GBLMPruner(config, **config_kwargs).prune(model, calibration, tokenizer=tokenizer, gradient_norms=gradient_norms)
+    pruner = GBLMPruner(config, **config_kwargs)
+    return pruner.prune(model, calibration, tokenizer=tokenizer, gradient_norms=gradient_norms, text_column=text_column)

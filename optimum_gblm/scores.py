@@ -9,8 +9,8 @@ and returns a float32 (d_out, d_in) tensor. A new score is one function plus its
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -26,16 +26,15 @@ class ScoreSpec:
 
 
 SCORES: dict[str, ScoreSpec] = {}
-# Every method name GBLMConfig accepts: the scores plus methods registered elsewhere (weight-updating ones).
-METHODS: set[str] = set()
 
 
 def register_score(name: str, *, needs_activations: bool, needs_gradients: bool) -> Callable[[ScoreFn], ScoreFn]:
+    """Register a score; `optimum_gblm.methods.score` makes every registered score a pruning method of that name."""
+
     def decorator(fn: ScoreFn) -> ScoreFn:
-        if name in METHODS:
-            raise ValueError(f"a pruning method named {name!r} is already registered")
+        if name in SCORES:
+            raise ValueError(f"a score named {name!r} is already registered")
         SCORES[name] = ScoreSpec(name, fn, needs_activations, needs_gradients)
-        METHODS.add(name)
         return fn
 
     return decorator
@@ -48,32 +47,33 @@ def _activation_norms(input_sq_mean: torch.Tensor) -> torch.Tensor:
 
 @register_score("magnitude", needs_activations=False, needs_gradients=False)
 def magnitude_score(weight, input_sq_mean=None, gradient_norms=None):
+    """|W|: no calibration data needed"""
     return weight.float().abs()
 
 
 @register_score("wanda", needs_activations=True, needs_gradients=False)
 def wanda_score(weight, input_sq_mean, gradient_norms=None):
+    """Wanda: |W| ||X|| / sqrt(N)"""
     return weight.float().abs() * _activation_norms(input_sq_mean)
 
 
 @register_score("gblm", needs_activations=True, needs_gradients=True)
 def gblm_score(weight, input_sq_mean, gradient_norms):
+    """GBLM: |W| (||X|| / sqrt(N) + alpha G), G from the gradient stage"""
     # |W| * sqrt(a) + |W| * alpha G: the reference form; the caller has multiplied G by alpha.
     return weight.float().abs() * (_activation_norms(input_sq_mean) + gradient_norms.float())
 
 
 @register_score("gradient", needs_activations=False, needs_gradients=True)
 def gradient_score(weight, input_sq_mean, gradient_norms):
+    """|W| G: the gradient term alone"""
     return weight.float().abs() * gradient_norms.float()
 
 
 @register_score("gblm_inverse", needs_activations=True, needs_gradients=True)
 def gblm_inverse_score(weight, input_sq_mean, gradient_norms):
+    """|W| ||X|| / sqrt(N) / G: the reference's inverse variant"""
     return weight.float().abs() * _activation_norms(input_sq_mean) / (gradient_norms.float() + 1e-8)
-
-
-# SparseGPT updates the weights it keeps, so it is a method but not a score (see sparsegpt.py).
-METHODS.add("sparsegpt")
 
 
 def auto_alpha(input_sq_mean: torch.Tensor, gradient_norms: torch.Tensor) -> float:

@@ -1,13 +1,16 @@
 import json
 import os
+import shlex
 import subprocess
 import sys
 
 import pytest
+from conftest import sample_text, tiny_model
 from transformers import AutoModelForCausalLM
 
-from conftest import sample_text, tiny_model
-from optimum_gblm.cli import main
+from optimum_gblm import options
+from optimum_gblm.cli import build_parser, main
+from optimum_gblm.config import GBLMConfig
 from optimum_gblm.engine import prunable_modules
 from optimum_gblm.masks import check_nm
 
@@ -41,7 +44,9 @@ def test_prune_saves_a_loadable_pruned_checkpoint(model_dir, text_file, tmp_path
     config = json.loads((output / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "gblm"
     assert config["quantization_config"]["pattern"] == "2:4"
-    assert config["quantization_config"]["calibration"] == {"source": str(text_file), "num_samples": 4, "seqlen": 16, "seed": 0}
+    assert config["quantization_config"]["record"]["calibration"] == {
+        "source": str(text_file), "num_samples": 4, "seqlen": 16, "seed": 0
+    }
     model = AutoModelForCausalLM.from_pretrained(output)
     for module in prunable_modules(model).values():
         assert check_nm(module.weight != 0, 2, 4)
@@ -100,7 +105,59 @@ def test_prune_measures_dense_and_pruned_perplexity_into_the_checkpoint(model_di
     heldout.write_text(sample_text(300, seed=5))
     assert main(prune_args(model_dir, text_file, output, "--eval-data", str(heldout), "--eval-seqlen", "16")) == 0
     assert "dense ppl" in capsys.readouterr().out
-    (entry,) = json.loads((output / "config.json").read_text())["quantization_config"]["evaluation"]
+    (entry,) = json.loads((output / "config.json").read_text())["quantization_config"]["record"]["evaluation"]
     assert entry["data"] == str(heldout) and entry["seqlen"] == 16 and entry["num_tokens"] % 16 == 0
     assert entry["dense_perplexity"] > 1 and entry["perplexity"] > 1
     assert f"| {heldout} | 16 |" in (output / "README.md").read_text()
+
+
+def test_a_file_that_appears_during_the_run_is_kept_without_overwrite(model_dir, text_file, tmp_path, capsys, monkeypatch):
+    """The output folder is checked before the run and again at the save: only --overwrite may replace files."""
+    from optimum_gblm.pruner import GBLMPruner
+
+    output = tmp_path / "pruned"
+    prune = GBLMPruner.prune
+
+    def prune_while_someone_writes(self, model, *args, **kwargs):
+        result = prune(self, model, *args, **kwargs)
+        output.mkdir()
+        (output / "notes.txt").write_text("written by someone else during the run")
+        return result
+
+    monkeypatch.setattr(GBLMPruner, "prune", prune_while_someone_writes)
+    assert main(prune_args(model_dir, text_file, output, "--method", "wanda")) == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if "error" in line]  # one line, besides progress bars
+    assert line.startswith("optimum-gblm prune: error: ") and "already holds files" in line and "--overwrite" in line
+    assert "Traceback" not in err
+    assert [p.name for p in output.iterdir()] == ["notes.txt"]
+    assert (output / "notes.txt").read_text() == "written by someone else during the run"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pruned")]
+
+
+def test_method_and_profile_options_reach_the_checkpoint_and_its_reproduce_line(model_dir, text_file, tmp_path):
+    output = tmp_path / "pruned"
+    extra = ["--method", "sparsegpt", "--sparsegpt-damping", "0.05", "--sparsegpt-blocksize", "8",
+             "--sparsity-profile", "owl", "--owl-threshold", "3", "--owl-spread", "0.05"]
+    assert main(prune_args(model_dir, text_file, output, *extra)) == 0
+    saved = GBLMConfig.from_dict(json.loads((output / "config.json").read_text())["quantization_config"])
+    assert saved.method_options == {"damping": 0.05, "blocksize": 8}
+    assert saved.profile_options == {"threshold": 3.0, "spread": 0.05}
+    # The card's reproduce line parses with today's CLI and gives back the saved recipe.
+    card = (output / "README.md").read_text()
+    (line,) = [l for l in card.splitlines() if l.startswith("pip install optimum-gblm && ")]
+    argv = shlex.split(line.split(" && ", 1)[1])
+    assert argv[:2] == ["optimum-gblm", "prune"]
+    for flag in ("--sparsegpt-damping", "--sparsegpt-blocksize", "--owl-threshold", "--owl-spread"):
+        assert flag in argv
+    args = build_parser().parse_args(argv[1:])
+    assert args.model == str(model_dir)
+    assert options.config_from_arguments(args).recipe() == saved.recipe()
+
+
+def test_an_option_of_another_method_is_a_clear_error(model_dir, text_file, tmp_path, capsys):
+    output = tmp_path / "pruned"
+    assert main(prune_args(model_dir, text_file, output, "--method", "wanda", "--sparsegpt-blocksize", "64")) == 2
+    err = capsys.readouterr().err
+    assert "--sparsegpt-blocksize" in err and "--method sparsegpt" in err
+    assert not output.exists()

@@ -21,9 +21,11 @@ def test_defaults_follow_the_reference():
         {"method": "magnitude", "pattern": "unstructured", "sparsity": 0.3, "scope": "layer"},
         {"method": "gblm", "gradient_norm": "l2", "alpha": 10.0, "target_modules": ["q_proj", "down_proj"]},
         {"alpha": "auto", "gradient_norm": "l2"},
-        {"alpha": 0, "layer_alpha": {"model.layers.0.mlp.up_proj": 12.5}},
+        {"alpha": 0, "record": {"layer_settings": {"alpha": {"model.layers.0.mlp.up_proj": 12.5}}}},
+        {"method": "sparsegpt", "method_options": {"damping": 0.1, "blocksize": 64}},
+        {"sparsity_profile": "owl", "profile_options": {"threshold": 3.0, "spread": 0.05}},
         {"method": "wanda", "use_variant": True, "sparsity": 0.6, "dataset": "c4", "tokenizer": "some/tok"},
-        {"pattern": "1:4", "sparsity": 0.25, "num_samples": 3, "seqlen": 7, "seed": 11, "gradient_checkpointing": True},
+        {"pattern": "1:4", "sparsity": 0.25, "num_samples": 3, "seqlen": 7, "seed": 11},
     ],
 )
 def test_round_trip_is_exact(kwargs):
@@ -58,7 +60,17 @@ def test_json_file_round_trip(tmp_path):
         ({"alpha": float("inf")}, "alpha must be a finite number >= 0"),
         ({"alpha": "automatic"}, "or 'auto'"),
         ({"alpha": True}, "alpha must be a finite number >= 0"),
-        ({"layer_alpha": {"q": -2.0}}, "layer_alpha must map layer names"),
+        ({"record": {"layer_alpha": {"q": -2.0}}}, "layer_settings must map a setting name"),
+        ({"method": "sparsegpt", "method_options": {"dampening": 0.1}}, "has no options ['dampening']"),
+        ({"method": "wanda", "method_options": {"damping": 0.1}}, "takes no options"),
+        ({"method": "sparsegpt", "pattern": "2:3", "sparsity": 2 / 3}, "must be a multiple of M=3"),
+        ({"sparsity_profile": "owl", "pattern": "2:4"}, "needs pattern='unstructured'"),
+        ({"sparsity_profile": "owl", "sparsity": 0.95, "profile_options": {"spread": 0.08}}, "lower it"),
+        ({"tokenizer": object()}, "pass a tokenizer object to prune"),
+        ({"target_modules": ["("]}, "neither a module name nor a valid regex"),
+        ({"masks_file": "model.safetensors"}, "would overwrite the checkpoint's weights"),
+        ({"masks_file": "model-00001-of-00002.safetensors"}, "would overwrite the checkpoint's weights"),
+        ({"masks_file": "adapter_model.safetensors"}, "would overwrite the checkpoint's weights"),
         ({"num_samples": 0}, "num_samples must be an integer >= 1"),
         ({"num_samples": True}, "num_samples must be an integer >= 1"),
         ({"seqlen": 1}, "seqlen must be an integer >= 2"),
@@ -101,3 +113,34 @@ def test_parse_alpha_rejects(text):
 
     with pytest.raises(ValueError, match="alpha must be a number >= 0"):
         parse_alpha(text)
+
+
+def test_other_methods_accept_patterns_sparsegpts_block_size_cannot_hold():
+    # SparseGPT's column blocks must hold whole N:M groups; Wanda has no blocks, so 2:3 is fine there.
+    assert GBLMConfig(method="wanda", pattern="2:3", sparsity=2 / 3).nm == (2, 3)
+
+
+def test_old_flat_keys_load_into_options_and_record():
+    old = {
+        "method": "sparsegpt",
+        "sparsegpt_damping": 0.05,
+        "sparsegpt_blocksize": 64,
+        "owl_threshold": 5.0,
+        "owl_lambda": 0.08,
+        "gradient_checkpointing": True,
+        "global_sparsity": 0.5,
+        "layer_sparsity": {"model.layers.0.mlp.up_proj": 0.5},
+        "layer_alpha": None,
+        "evaluation": None,
+        "quant_method": "gblm",
+    }
+    config = GBLMConfig.from_dict(old)
+    assert config.method_options == {"damping": 0.05, "blocksize": 64}
+    assert config.profile_options == {}  # OWL's settings meant nothing under the uniform profile
+    assert config.record.global_sparsity == 0.5
+    assert config.record.layer_sparsity == {"model.layers.0.mlp.up_proj": 0.5}
+    assert "gradient_checkpointing" not in config.to_dict()
+    # The flat recipe an old masks checksum covered is kept for verification.
+    assert config.checksum_recipes()[1]["sparsegpt_damping"] == 0.05
+    owl = GBLMConfig.from_dict({"sparsity_profile": "owl", "owl_lambda": 0.05, "owl_threshold": 4.0})
+    assert owl.profile_options == {"threshold": 4.0, "spread": 0.05}

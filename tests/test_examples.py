@@ -1,3 +1,5 @@
+import dataclasses
+import importlib
 import json
 import math
 import os
@@ -8,14 +10,23 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import sample_text, tiny_model
 from transformers import AutoModelForCausalLM
 
-from conftest import sample_text, tiny_model
 from optimum_gblm.engine import prunable_modules
 from optimum_gblm.evaluation import load_multiple_choice, multiple_choice_accuracy
 from optimum_gblm.masks import check_nm
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def example_module(name):
+    """Import a module of examples/ (they import each other as top-level modules)."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(EXAMPLES))
 
 
 def run(script, *args, cwd):
@@ -70,21 +81,21 @@ def test_prune_then_finetune_then_eval(workspace):
     results = json.loads((w / "eval" / "eval_results.json").read_text())
     assert results["perplexity"][str(w / "heldout.txt")]["seqlen"] == 16
     assert results["multiple_choice"]["num_items"] == 2
-    recorded = json.loads((w / "tuned" / "config.json").read_text())["quantization_config"]["evaluation"]
+    recorded = json.loads((w / "tuned" / "config.json").read_text())["quantization_config"]["record"]["evaluation"]
     assert any(e["data"] == str(w / "heldout.txt") for e in recorded)
     AutoModelForCausalLM.from_pretrained(w / "tuned")  # still a valid, verified checkpoint
 
 
 def test_examples_take_a_json_config(workspace):
     w = workspace
-    config = {"model_name_or_path": str(w / "base"), "calibration": str(w / "train.txt"), "method": "wanda",
+    config = {"model_name_or_path": str(w / "base"), "dataset": str(w / "train.txt"), "method": "wanda",
               "sparsity": 0.5, "num_samples": 4, "seqlen": 16, "output_dir": str(w / "from-json")}
     (w / "prune.json").write_text(json.dumps(config))
     run("run_prune.py", w / "prune.json", cwd=w)
     entry = json.loads((w / "from-json" / "config.json").read_text())["quantization_config"]
-    assert entry["method"] == "wanda" and entry["global_sparsity"] == 0.5
+    assert entry["method"] == "wanda" and entry["record"]["global_sparsity"] == 0.5
 
-    tune = {"model_name_or_path": str(w / "base"), "calibration": str(w / "train.txt"), "pattern": "2:4",
+    tune = {"model_name_or_path": str(w / "base"), "dataset": str(w / "train.txt"), "pattern": "2:4",
             "num_samples": 4, "seqlen": 16, "block_size": 16, "output_dir": str(w / "tuned-json"), "max_steps": 2,
             "learning_rate": 0.01, "report_to": "none", "save_strategy": "no", "use_cpu": True}
     (w / "tune.json").write_text(json.dumps(tune))
@@ -152,3 +163,30 @@ def test_local_scorer_agrees_with_lm_evaluation_harness(tokenizer):
     theirs = [value for value, _ in harness.loglikelihood(requests)]
     ours = [choice_log_likelihood(model, tokenizer, context, continuation) for context, continuation in pairs]
     assert ours == pytest.approx(theirs, abs=1e-4)
+
+
+def test_examples_pruning_arguments_have_the_cli_names():
+    """`--num_samples` in the examples is `--num-samples` in the CLI: one name per option, generated from the recipe."""
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from optimum_gblm.cli import build_parser
+
+    arguments = example_module("arguments")
+    prune = build_parser()._subparsers._group_actions[0].choices["prune"]
+    job_only = {"help", "verbose", "model", "gguf_file", "dtype", "device", "trust_remote_code", "output", "overwrite",
+                "eval_data", "eval_seqlen", "eval_max_tokens", "push_to_hub"}
+    cli = {a.dest for a in prune._actions} - job_only
+    pruning = {f.name for f in dataclasses.fields(arguments.PruningArguments)}
+    runtime = {f.name for f in dataclasses.fields(arguments.RuntimeArguments)}
+    assert pruning | runtime == cli
+    assert {"seed", "num_samples", "sparsegpt_damping", "sparsegpt_blocksize", "owl_threshold", "owl_spread"} <= pruning
+    hf = HfArgumentParser((arguments.PruningArguments, arguments.RuntimeArguments))
+    spellings = {s for a in hf._actions for s in a.option_strings}
+    for action in prune._actions:
+        if action.dest in cli and action.dest != "use_cache":  # the CLI's --no-cache is --no_use_cache there
+            assert set(action.option_strings) <= spellings, action.option_strings
+
+    # The fine-tuning script also parses TrainingArguments: its seed (and gradient checkpointing) are the ones used.
+    finetune = example_module("run_sparse_finetune")
+    assert "seed" not in {f.name for f in dataclasses.fields(finetune.PruningArguments)}
+    HfArgumentParser((finetune.PruningArguments, finetune.RuntimeArguments, TrainingArguments))  # no clashing flags

@@ -1,11 +1,16 @@
 import pytest
 import torch
-
 from conftest import tiny_model, weights_of
+
 from optimum_gblm import GBLMConfig, GBLMPruner
 from optimum_gblm import gradients as gradients_module
 from optimum_gblm.engine import prunable_modules
-from optimum_gblm.gradients import cached_gradient_norms, compute_gradient_norms, load_gradient_norms, save_gradient_norms
+from optimum_gblm.gradients import (
+    cached_gradient_norms,
+    compute_gradient_norms,
+    load_gradient_norms,
+    save_gradient_norms,
+)
 
 
 def naive_norms(model, ids, modules, norm, scale):
@@ -132,7 +137,7 @@ def test_norms_from_another_model_are_refused(tmp_path, calibration_ids):
 
 def test_gradient_stage_refuses_a_model_that_still_carries_masks(calibration_ids):
     from optimum_gblm import prune
-    from optimum_gblm.integration import restore_dense
+    from optimum_gblm.sparse_state import restore_dense
 
     model = tiny_model("llama")
     dense = {k: v.clone() for k, v in model.state_dict().items()}

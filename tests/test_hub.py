@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny_model
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.hf_api import CommitInfo, RepoUrl
 
-from conftest import tiny_model
 from optimum_gblm import GBLMConfig, GBLMPruner, perplexity
 from optimum_gblm.evaluation import record_evaluation
 from optimum_gblm.hub import push_folder_to_hub
@@ -51,7 +51,7 @@ def test_saved_card_metadata_and_body(base_dir, tmp_path):
     result = metadata["model-index"][0]["results"][0]
     assert result["metrics"][0]["type"] == "perplexity" and result["dataset"]["name"] == "held-out.txt"
     card = ModelCard.load(tmp_path / "out" / "README.md")
-    assert card.data.eval_results[0].metric_value == pytest.approx(model.config.quantization_config.evaluation[0]["perplexity"], abs=1e-4)
+    assert card.data.eval_results[0].metric_value == pytest.approx(model.config.quantization_config.record.evaluation[0]["perplexity"], abs=1e-4)
     for heading in ("## Recipe", "## Calibration data", "## Measured sparsity", "## Evaluation", "## How to load", "## Reproduce"):
         assert heading in text
     assert "4 sequences x 16 tokens" in text and "| 1 | 0.5000 |" in text
@@ -61,8 +61,10 @@ def test_saved_card_metadata_and_body(base_dir, tmp_path):
 
 def test_a_hub_base_model_is_named_in_the_metadata():
     from optimum_gblm.hub import build_model_card
+    from optimum_gblm.record import PruningRecord
 
-    config = GBLMConfig(method="wanda", base_model={"name": "meta-llama/Llama-2-7b-hf", "license": "llama2"}, global_sparsity=0.5, layer_sparsity={})
+    record = PruningRecord(base_model={"name": "meta-llama/Llama-2-7b-hf", "license": "llama2"}, global_sparsity=0.5, layer_sparsity={})
+    config = GBLMConfig(method="wanda", record=record)
     metadata = yaml.safe_load(str(build_model_card(config)).split("---")[1])
     assert metadata["base_model"] == "meta-llama/Llama-2-7b-hf" and metadata["license"] == "llama2"
     assert "--model meta-llama/Llama-2-7b-hf --method wanda" in str(build_model_card(config))

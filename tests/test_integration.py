@@ -5,13 +5,14 @@ import sys
 
 import pytest
 import torch
+from conftest import sample_text, tiny_model, weights_of
 from torch.utils.data import Dataset
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-from conftest import sample_text, tiny_model, weights_of
 from optimum_gblm import GBLMConfig, GBLMPruner, SparsityCallback, apply_masks
+from optimum_gblm.checkpoint import read_masks
 from optimum_gblm.engine import prunable_modules
-from optimum_gblm.integration import GBLMHfQuantizer, masks_checksum, read_masks
+from optimum_gblm.sparse_state import GBLMHfQuantizer, masks_checksum
 
 
 def pruned(family="llama", pattern="2:4", sparsity=0.5, method="gblm", ids=None):
@@ -48,9 +49,9 @@ def test_config_json_is_plain_readable_json(tmp_path):
     pruned().save_pretrained(tmp_path)
     entry = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert entry["quant_method"] == "gblm" and entry["method"] == "gblm" and entry["pattern"] == "2:4"
-    assert entry["global_sparsity"] == 0.5 and len(entry["layer_sparsity"]) == 14
-    assert entry["masks_file"] == "gblm_masks.safetensors" and len(entry["masks_checksum"]) == 64
-    assert entry["calibration"]["num_samples"] == 4
+    assert entry["record"]["global_sparsity"] == 0.5 and len(entry["record"]["layer_sparsity"]) == 14
+    assert entry["masks_file"] == "gblm_masks.safetensors" and len(entry["record"]["masks_checksum"]) == 64
+    assert entry["record"]["calibration"]["num_samples"] == 4
     assert GBLMConfig.from_dict(entry).to_dict() == entry
 
 
@@ -87,7 +88,7 @@ def test_trainer_keeps_masked_weights_at_zero_and_trains_the_rest(tmp_path):
         assert torch.equal(module.weight[masks[name]], torch.zeros_like(module.weight[masks[name]])), name
         kept = ~masks[name]
         assert not torch.equal(module.weight[kept], before[f"{name}.weight"][kept]), f"{name} did not train"
-    assert model.config.quantization_config.global_sparsity == 0.5
+    assert model.config.quantization_config.record.global_sparsity == 0.5
     model.save_pretrained(tmp_path / "tuned")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned")
     assert all(torch.equal(v, weights_of(model)[k]) for k, v in weights_of(reloaded).items())
@@ -153,7 +154,7 @@ def test_tampering_is_detected(tmp_path):
     # a checksum that does not match the masks
     config_path = tmp_path / "a" / "config.json"
     config = json.loads(config_path.read_text())
-    config["quantization_config"]["masks_checksum"] = "0" * 64
+    config["quantization_config"]["record"]["masks_checksum"] = "0" * 64
     config_path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="do not match the checksum"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "a")
@@ -163,7 +164,7 @@ def test_masks_checksum_depends_on_every_bit():
     model = pruned()
     q = model.hf_quantizer
     reference = masks_checksum(q.packed_masks, q.mask_shapes, model.config.quantization_config.recipe())
-    assert reference == model.config.quantization_config.masks_checksum
+    assert reference == model.config.quantization_config.record.masks_checksum
     name = next(iter(q.packed_masks))
     flipped = dict(q.packed_masks)
     flipped[name] = flipped[name].clone()
@@ -186,7 +187,7 @@ def test_pruning_at_load_gives_the_same_masks_as_the_pruner(tmp_path, tokenizer)
     assert isinstance(at_load.hf_quantizer, GBLMHfQuantizer)
     expected = zero_masks(dense)
     assert all(torch.equal(expected[n], m) for n, m in zero_masks(at_load).items())
-    assert at_load.config.quantization_config.global_sparsity == 0.5
+    assert at_load.config.quantization_config.record.global_sparsity == 0.5
     at_load.save_pretrained(tmp_path / "saved")
     assert (tmp_path / "saved" / "gblm_masks.safetensors").is_file()
 
@@ -205,7 +206,7 @@ def test_kept_weights_that_are_exactly_zero_may_move(tmp_path):
     with torch.no_grad():
         layer.weight[0, 0:3] = 0.0  # three zeros in one group of 4: 2:4 prunes two of them, keeps one
     GBLMPruner(GBLMConfig(method="magnitude", pattern="2:4")).prune(model)
-    assert model.config.quantization_config.global_sparsity == 0.5
+    assert model.config.quantization_config.record.global_sparsity == 0.5
     kept_zero = (model.hf_quantizer.mask("model.layers.0.mlp.up_proj") & (layer.weight == 0)).nonzero()
     assert len(kept_zero) == 1
     with torch.no_grad():
@@ -213,3 +214,64 @@ def test_kept_weights_that_are_exactly_zero_may_move(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert loaded.model.layers[0].mlp.up_proj.weight[tuple(kept_zero[0])] == 0.25
+
+
+def flat_entry_of_version_0_1(entry, packed, shapes):
+    """config.json's quantization_config as the first release wrote it: recipe and results in one flat dict, the
+    masks checksum taken over that flat recipe."""
+    record = entry["record"]
+    flat = {k: v for k, v in entry.items() if k not in ("record", "method_options", "profile_options")}
+    flat.update(gradient_checkpointing=False, sparsegpt_damping=0.01, sparsegpt_blocksize=128, owl_threshold=5.0, owl_lambda=0.08)
+    results = {k: record[k] for k in ("base_model", "calibration", "global_sparsity", "layer_sparsity", "evaluation")}
+    results["layer_alpha"] = record["layer_settings"].get("alpha")
+    flat["masks_checksum"] = masks_checksum(packed, shapes, flat)  # flat holds no result yet: it is the recipe
+    return {**flat, **results}
+
+
+def test_a_checkpoint_of_the_first_release_loads_and_is_verified(tmp_path):
+    model = pruned()
+    model.save_pretrained(tmp_path)
+    config_path = tmp_path / "config.json"
+    config = json.loads(config_path.read_text())
+    packed, shapes = read_masks(tmp_path / "gblm_masks.safetensors")
+    config["quantization_config"] = flat_entry_of_version_0_1(config["quantization_config"], packed, shapes)
+    config_path.write_text(json.dumps(config))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    # verified against the flat recipe's checksum, then recorded with today's recipe
+    assert loaded.config.quantization_config.record.masks_checksum == model.config.quantization_config.record.masks_checksum
+    assert all(torch.equal(loaded.hf_quantizer.mask(n), model.hf_quantizer.mask(n)) for n in packed)
+    loaded.save_pretrained(tmp_path / "resaved")
+    assert "record" in json.loads((tmp_path / "resaved" / "config.json").read_text())["quantization_config"]
+    AutoModelForCausalLM.from_pretrained(tmp_path / "resaved")
+    # an edited old recipe is still caught
+    config["quantization_config"]["pattern"] = "4:8"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="do not match the checksum"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("recorded", [{}, None])
+def test_a_record_without_layer_sparsity_loads(tmp_path, recorded):
+    model = pruned()
+    model.save_pretrained(tmp_path)
+    config_path = tmp_path / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"]["record"]["layer_sparsity"] = recorded  # nothing recorded: nothing to check
+    config_path.write_text(json.dumps(config))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert all(torch.equal(loaded.hf_quantizer.mask(n), model.hf_quantizer.mask(n)) for n in model.hf_quantizer.packed_masks)
+
+
+def test_save_hooks_are_registered_once_in_order(monkeypatch):
+    from optimum_gblm import checkpoint, hub, sparse_state
+
+    assert sparse_state.SAVE_HOOKS == [checkpoint.write_masks, hub.write_model_card]  # masks first, then the card
+    assert sparse_state.PUSH_HANDLER is hub.push_to_hub
+    monkeypatch.setattr(sparse_state, "SAVE_HOOKS", list(sparse_state.SAVE_HOOKS))
+
+    def write_masks(model, save_directory):  # a reloaded checkpoint module's function: same module and name
+        pass
+
+    write_masks.__module__, write_masks.__qualname__ = checkpoint.write_masks.__module__, "write_masks"
+    sparse_state.register_save_hook(write_masks)
+    assert sparse_state.SAVE_HOOKS == [write_masks, hub.write_model_card]

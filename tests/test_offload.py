@@ -7,15 +7,14 @@ import pytest
 import torch
 from accelerate import cpu_offload, disk_offload
 from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset, align_module_device
+from conftest import VOCAB, tiny_model
 from transformers import AutoModelForCausalLM
 
-from conftest import VOCAB, tiny_model
 from optimum_gblm import GBLMConfig, GBLMPruner, apply_masks
-from optimum_gblm.engine import is_offloaded, prunable_modules, run_layerwise, store_offloaded
+from optimum_gblm.engine import is_offloaded, prunable_modules, prune_layers, store_offloaded
 from optimum_gblm.gradients import compute_gradient_norms
 from optimum_gblm.masks import unpack_mask
-from optimum_gblm.pruner import ScorePruner
-from optimum_gblm.scores import get_score
+from optimum_gblm.registry import get_method
 
 # Block 0 stays in memory, block 1 lives on disk (on this CPU-only machine "cpu" blocks are resident: accelerate only
 # offloads CPU weights when the execution device is an accelerator).
@@ -130,7 +129,8 @@ def test_one_block_onloaded_at_a_time(checkpoint, calibration_ids, tmp_path):
 
     handles = [block.register_forward_pre_hook(record) for block in blocks]
     config = GBLMConfig(method="wanda", sparsity=0.5)
-    run_layerwise(model, calibration_ids, ScorePruner(config, get_score("wanda"), None), show_progress=False)
+    sparsities = {name: config.sparsity for name in prunable_modules(model)}
+    prune_layers(model, calibration_ids, get_method("wanda")(config), sparsities, show_progress=False)
     for handle in handles:
         handle.remove()
     # capture stops at block 0 before it runs (nothing onloaded); then each block runs twice per sequence
@@ -176,7 +176,7 @@ def test_owl_profile_on_an_offloaded_model_equals_in_memory(checkpoint, calibrat
     reference, model = load(checkpoint), load(checkpoint, device_map=EXPLICIT_MAP, offload_folder=tmp_path / "offload")
     for target in (reference, model):
         GBLMPruner(config, show_progress=False).prune(target, calibration_ids)
-    assert model.config.quantization_config.layer_sparsity == reference.config.quantization_config.layer_sparsity
+    assert model.config.quantization_config.record.layer_sparsity == reference.config.quantization_config.record.layer_sparsity
     for name, packed in reference.hf_quantizer.packed_masks.items():
         assert torch.equal(model.hf_quantizer.packed_masks[name], packed), name
 

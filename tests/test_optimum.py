@@ -4,10 +4,10 @@ import sys
 
 import pytest
 import torch
+from conftest import sample_text, tiny_model
 from optimum.quantization_base import OptimumQuantizer
 from transformers import AutoModelForCausalLM
 
-from conftest import sample_text, tiny_model
 from optimum_gblm import GBLMConfig, GBLMPruner
 from optimum_gblm.masks import check_nm
 
@@ -59,3 +59,8 @@ def test_optimum_cli_has_the_gblm_command(tmp_path, tokenizer):
         capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
     )
     assert refused.returncode == 2 and "sparsity must lie in [0, 1)" in refused.stderr
+    # The same generated options as `optimum-gblm prune`: method and profile options included.
+    usage = subprocess.run([cli, "gblm", "prune", "--help"], capture_output=True, text=True, env=env, timeout=300)
+    assert usage.returncode == 0, usage.stderr
+    for flag in ("--num-samples", "--sparsegpt-blocksize", "--owl-spread", "--no-cache", "--overwrite"):
+        assert flag in usage.stdout

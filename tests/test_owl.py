@@ -1,10 +1,11 @@
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from optimum_gblm import GBLMConfig, GBLMPruner
 from optimum_gblm.engine import prunable_modules
-from optimum_gblm.owl import OutlierMeter, block_of, owl_sparsities
+from optimum_gblm.methods.base import PruningMethod
+from optimum_gblm.methods.owl import OutlierMeter, block_of, owl_sparsities
 
 
 def test_owl_profile_averages_to_the_target_and_stays_within_lambda():
@@ -24,14 +25,20 @@ def test_owl_profile_averages_to_the_target_and_stays_within_lambda():
 
 
 def test_outlier_meter_counts_scores_above_m_times_the_block_mean():
-    meter = OutlierMeter(lambda name, module, stats: module.weight.abs(), threshold=2.0)
+    class MagnitudeScore(PruningMethod):
+        needs_activations = False
+
+        def importance(self, name, module, stats):
+            return module.weight.abs()
+
+    meter = OutlierMeter(MagnitudeScore(GBLMConfig(method="magnitude")), threshold=2.0)
     first, second = torch.nn.Linear(4, 1, bias=False), torch.nn.Linear(4, 1, bias=False)
     with torch.no_grad():
         first.weight[:] = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
         second.weight[:] = torch.tensor([[1.0, 1.0, 1.0, 9.0]])  # block mean 2, threshold 4: one outlier of 8
-    meter.prune_layer("model.layers.0.a", first, None)
-    meter.prune_layer("model.layers.0.b", second, None)
-    meter.finish()
+    meter.visit_layer("model.layers.0.a", first, None)
+    meter.visit_layer("model.layers.0.b", second, None)
+    meter.end_block()
     assert meter.outlier_share == {"model.layers.0": 1 / 8} and meter.block_params == {"model.layers.0": 8}
     assert block_of("transformer.h.11.attn.c_attn") == "transformer.h.11"
 
@@ -43,9 +50,9 @@ def test_owl_prunes_each_block_at_its_own_sparsity(method):
     with torch.no_grad():  # give block 1 many outlier scores (q_proj sees normalised inputs) so the profile is not flat
         model.model.layers[1].self_attn.q_proj.weight[:8] *= 20
     ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
-    config = GBLMConfig(method=method, sparsity=0.5, sparsity_profile="owl", owl_lambda=0.1)
+    config = GBLMConfig(method=method, sparsity=0.5, sparsity_profile="owl", profile_options={"spread": 0.1})
     GBLMPruner(config, show_progress=False).prune(model, ids)
-    recorded = model.config.quantization_config
+    recorded = model.config.quantization_config.record
     per_block = {}
     for name, value in recorded.layer_sparsity.items():
         per_block.setdefault(block_of(name), set()).add(round(value, 2))

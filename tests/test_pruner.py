@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import tiny_model, weights_of
+
 from optimum_gblm import GBLMConfig, GBLMPruner, prune
 from optimum_gblm.engine import prunable_modules
 from optimum_gblm.gradients import compute_gradient_norms
@@ -63,7 +63,7 @@ def test_alpha_zero_and_auto_without_gradients_are_exactly_wanda(calibration_ids
     GBLMPruner(GBLMConfig(alpha="auto", pattern="2:4"), show_progress=False).prune(auto_zero, calibration_ids, gradient_norms=zeros)
     assert unchanged(alpha_zero, weights_of(wanda))
     assert unchanged(auto_zero, weights_of(wanda))
-    assert set(auto_zero.config.quantization_config.layer_alpha.values()) == {0.0}
+    assert set(auto_zero.config.quantization_config.record.layer_settings["alpha"].values()) == {0.0}
 
 
 def test_auto_alpha_is_deterministic_and_travels_with_the_checkpoint(calibration_ids, tmp_path):
@@ -74,16 +74,17 @@ def test_auto_alpha_is_deterministic_and_travels_with_the_checkpoint(calibration
         model = tiny_model("llama")
         GBLMPruner(GBLMConfig(alpha="auto"), use_cache=False, show_progress=False).prune(model, calibration_ids)
         runs.append(model)
-    first, second = (m.config.quantization_config for m in runs)
-    assert first.layer_alpha == second.layer_alpha and first.masks_checksum == second.masks_checksum
+    first, second = (m.config.quantization_config.record for m in runs)
+    first_alpha = first.layer_settings["alpha"]
+    assert first_alpha == second.layer_settings["alpha"] and first.masks_checksum == second.masks_checksum
     assert unchanged(runs[0], weights_of(runs[1]))
-    assert set(first.layer_alpha) == set(prunable_modules(runs[0]))
-    assert all(value > 0 for value in first.layer_alpha.values())
+    assert set(first_alpha) == set(prunable_modules(runs[0]))
+    assert all(value > 0 for value in first_alpha.values())
     # the balance differs between layers: one global alpha could not reproduce it
-    assert len({round(v, 6) for v in first.layer_alpha.values()}) > 1
+    assert len({round(v, 6) for v in first_alpha.values()}) > 1
     runs[0].save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert loaded.config.quantization_config.layer_alpha == first.layer_alpha
+    assert loaded.config.quantization_config.record.layer_settings["alpha"] == first_alpha
     assert loaded.config.quantization_config.alpha == "auto"
 
 

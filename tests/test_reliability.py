@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_model
 from optimum_gblm import GBLMConfig, GBLMPruner, load_model
 from optimum_gblm.engine import prunable_modules
 from optimum_gblm.gradients import cache_key, cached_gradient_norms, compute_gradient_norms
@@ -88,7 +88,7 @@ def test_killed_save_leaves_the_existing_checkpoint_intact(tmp_path):
     target = tmp_path / "ckpt"
     model = tiny_model("llama")
     GBLMPruner(GBLMConfig(method="magnitude", pattern="2:4")).prune(model)
-    from optimum_gblm.integration import save_pretrained_atomically
+    from optimum_gblm.checkpoint import save_pretrained_atomically
 
     save_pretrained_atomically(model, target)
     before = digest(target)
@@ -96,13 +96,14 @@ def test_killed_save_leaves_the_existing_checkpoint_intact(tmp_path):
         import os, signal
         from conftest import tiny_model
         from optimum_gblm import GBLMConfig, GBLMPruner
-        from optimum_gblm import integration
-        from optimum_gblm.integration import save_pretrained_atomically
+        from optimum_gblm import checkpoint, sparse_state
+        from optimum_gblm.checkpoint import save_pretrained_atomically
         model = tiny_model("llama", seed=1)
         GBLMPruner(GBLMConfig(method="magnitude")).prune(model)
         def die(*args, **kwargs):
             os.kill(os.getpid(), signal.SIGKILL)
-        integration.write_masks = die  # killed after the weights are written, before the masks
+        # killed after the weights are written, before the masks
+        sparse_state.SAVE_HOOKS[sparse_state.SAVE_HOOKS.index(checkpoint.write_masks)] = die
         save_pretrained_atomically(model, {str(target)!r}, overwrite=True)
     """, tmp_path)
     assert digest(target) == before, "the old checkpoint must be untouched"
@@ -138,8 +139,8 @@ def test_edited_recipe_or_sparsity_in_config_json_is_detected(tmp_path):
     with pytest.raises(ValueError, match="recipe .* altered"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
     config = json.loads(original)
-    name = next(iter(config["quantization_config"]["layer_sparsity"]))
-    config["quantization_config"]["layer_sparsity"][name] = 0.25
+    name = next(iter(config["quantization_config"]["record"]["layer_sparsity"]))
+    config["quantization_config"]["record"]["layer_sparsity"][name] = 0.25
     config_path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match=f"layer_sparsity in config.json says 0.25 for {name}"):
         AutoModelForCausalLM.from_pretrained(tmp_path)

@@ -1,11 +1,11 @@
 import pytest
 import torch
-
 from conftest import tiny_model, weights_of
+
 from optimum_gblm import GBLMConfig, GBLMPruner
-from optimum_gblm.engine import prunable_modules, weight_matrix
+from optimum_gblm.engine import HessianStats, prunable_modules, weight_matrix
 from optimum_gblm.masks import check_nm
-from optimum_gblm.sparsegpt import HessianStats, sparsegpt_prune
+from optimum_gblm.obs import sparsegpt_prune
 
 
 def correlated_inputs(tokens=512, d_in=64, seed=0):
@@ -107,7 +107,7 @@ def test_sparsegpt_checkpoint_round_trips(tmp_path):
 
 
 def test_config_checks_sparsegpt_settings():
-    with pytest.raises(ValueError, match="sparsegpt_damping must be a number > 0"):
-        GBLMConfig(method="sparsegpt", sparsegpt_damping=0)
+    with pytest.raises(ValueError, match="sparsegpt damping must be a number > 0"):
+        GBLMConfig(method="sparsegpt", method_options={"damping": 0})
     with pytest.raises(ValueError, match="multiple of M=8"):
-        GBLMConfig(method="sparsegpt", pattern="4:8", sparsegpt_blocksize=12)
+        GBLMConfig(method="sparsegpt", pattern="4:8", method_options={"blocksize": 12})

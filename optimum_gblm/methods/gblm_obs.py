@@ -1,0 +1,191 @@
+"""GBLM-OBS: a mask from a score (GBLM by default), then an OBS update of the kept weights on a regularised Hessian.
+
+SparseGPT's update fits the calibration outputs as well as the mask allows (least squares on H): far better than a
+plain mask on text like the calibration data, worse on text far from it. Masking alone (Wanda, GBLM) keeps a
+subnetwork of the dense model, robust but less accurate. This method slides between the two with one number per
+layer: the OBS column sweep runs with the mask fixed on H_mu = H + mu Diag(H) + eps mean(diag H) I, where mu = 0 is
+SparseGPT's update on this mask and mu -> inf no update at all (`optimum_gblm.obs` has the maths).
+
+mu="auto" chooses mu per layer from the calibration data only: the calibration sequences are dealt into K folds
+(sequence n -> fold n mod K), and for each candidate mu the update fitted on K-1 folds is scored by its output error
+on the held-out fold, computed from the fold Hessians alone (`obs.cross_validated_mu`; ties go to the larger mu).
+mu = 0 always wins in-sample, so only held-out error can choose it. To bound the cost the cross-validation uses a
+seeded sample of `cv_rows` output rows (rows are independent under a fixed mask: the error is a sum over rows).
+
+selection="joint" instead chooses the mask with the update, as SparseGPT does, on H_mu, with the gradient term
+added to the OBS saliency (2 W^2 (2 sqrt(a) alpha G + (alpha G)^2): with a diagonal H the saliency is then twice the
+squared GBLM score, as SparseGPT's is twice Wanda's squared score).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import GBLMConfig, check_int, check_number, option
+from ..engine import as_matrix, weight_matrix
+from ..masks import select_mask
+from ..obs import cross_validated_mu, obs_prune
+from ..registry import register_method
+from ..scores import SCORES, auto_alpha
+from .base import PruningMethod
+
+SELECTIONS = ("score", "joint")
+
+
+def _parse_mu(value: Any) -> float | str:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        mu = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"gblm_obs mu must be 'auto' or a number >= 0, got {value!r}.") from None
+    if not math.isfinite(mu) or mu < 0:
+        raise ValueError(f"gblm_obs mu must be 'auto' or a finite number >= 0, got {value!r}.")
+    return mu
+
+
+@dataclass
+class GBLMOBSOptions:
+    score: str = option("gblm", "score that chooses the mask: gblm, wanda, magnitude, ... (selection=score)")
+    selection: str = option("score", "'score': mask from the score, then update; 'joint': SparseGPT-style", choices=SELECTIONS)
+    mu: float | str = option("auto", "relative damping mu of H + mu Diag(H): 'auto' (cross-validated per layer) or >= 0", parse=_parse_mu)
+    mu_candidates: list[float] = option([0.03, 0.1, 0.3, 1.0, 3.0], "the mu values mu='auto' chooses among", nargs="+", type=float)
+    folds: int = option(3, "folds of calibration sequences for mu='auto' (K >= 2; at most num_samples)")
+    cv_rows: int = option(128, "output rows sampled per layer for mu='auto' (0 = all rows)")
+    damping: float = option(0.01, "absolute damping eps, a share of mean(diag H), as SparseGPT's")
+    blocksize: int = option(128, "columns updated together (N:M: a multiple of M)")
+
+    def __post_init__(self) -> None:
+        if self.score not in SCORES:
+            raise ValueError(f"gblm_obs score must be one of {sorted(SCORES)}, got {self.score!r}.")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"gblm_obs selection must be one of {SELECTIONS}, got {self.selection!r}.")
+        self.mu = _parse_mu(self.mu)
+        if not isinstance(self.mu_candidates, (list, tuple)) or not self.mu_candidates:
+            raise ValueError("gblm_obs mu_candidates must be a non-empty list of numbers >= 0.")
+        self.mu_candidates = [check_number("gblm_obs mu candidate", float(m), 0.0, 1e6) for m in self.mu_candidates]
+        check_int("gblm_obs folds", self.folds, 2)
+        check_int("gblm_obs cv_rows", self.cv_rows, 0)
+        self.damping = check_number("gblm_obs damping", self.damping, 1e-9, 1e6)
+        check_int("gblm_obs blocksize", self.blocksize, 1)
+
+
+class FoldHessians:
+    """Per-fold Hessian sums: sequence n goes to fold n mod K. H = (2/N) sum_k S_k with S_k = sum_{n in k} X_n^T X_n;
+    Wanda's a_j = diag(H)_j / 2 comes from the same sums, so one statistic serves the score and the update."""
+
+    def __init__(self, d_in: int, folds: int, device: torch.device):
+        self.sums = torch.zeros(folds, d_in, d_in, dtype=torch.float32, device=device)
+        self.num_sequences = 0
+
+    def add_batch(self, inputs: torch.Tensor) -> None:
+        sequences = inputs if inputs.dim() == 3 else inputs.unsqueeze(0)
+        for sequence in sequences:
+            rows = sequence.reshape(-1, sequence.shape[-1]).float()
+            self.sums[self.num_sequences % self.sums.shape[0]] += rows.t() @ rows
+            self.num_sequences += 1
+
+    def fold_hessians(self) -> torch.Tensor:
+        return self.sums * (2 / max(self.num_sequences, 1))
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        return self.fold_hessians().sum(0)
+
+    @property
+    def sq_mean(self) -> torch.Tensor:
+        return torch.diagonal(self.sums.sum(0)) / max(self.num_sequences, 1)
+
+
+@register_method("gblm_obs")
+class GBLMOBS(PruningMethod):
+    help = "GBLM mask + OBS update on a regularised Hessian, mu cross-validated per layer"
+    Options = GBLMOBSOptions
+    needs_gradients = True
+
+    @classmethod
+    def check_config(cls, config: GBLMConfig) -> None:
+        options = config.method_options
+        nm = config.nm
+        if nm is not None and options["blocksize"] % nm[1]:
+            raise ValueError(
+                f"gblm_obs blocksize {options['blocksize']} must be a multiple of M={nm[1]} for pattern "
+                f"{config.pattern!r} (--gblm-obs-blocksize)."
+            )
+        if options["mu"] == "auto" and options["folds"] > config.num_samples:
+            raise ValueError(
+                f"gblm_obs folds={options['folds']} needs at least that many calibration sequences, num_samples is "
+                f"{config.num_samples}: lower folds or use more data."
+            )
+
+    @classmethod
+    def gradients_needed(cls, config: GBLMConfig) -> bool:
+        return SCORES[config.method_options["score"]].needs_gradients
+
+    def new_stats(self, name: str, module: nn.Module) -> FoldHessians:
+        folds = self.options.folds if self.options.mu == "auto" else 1
+        return FoldHessians(weight_matrix(module).shape[1], folds, module.weight.device)
+
+    def _scaled_gradients(self, name: str, module: nn.Module, stats: FoldHessians) -> torch.Tensor | None:
+        score = SCORES[self.options.score]
+        if not score.needs_gradients:
+            return None
+        gradient = as_matrix(module, self.gradient_norms[name]).to(module.weight.device).float()
+        alpha = self.config.alpha
+        if score.needs_activations and alpha == "auto":
+            alpha = auto_alpha(stats.sq_mean, gradient)
+            self.layer_settings.setdefault("alpha", {})[name] = alpha
+        return gradient * alpha
+
+    def importance(self, name: str, module: nn.Module, stats: Any) -> torch.Tensor:
+        score = SCORES[self.options.score]
+        input_sq_mean = stats.sq_mean if stats is not None else None
+        return score.fn(weight_matrix(module), input_sq_mean, self._scaled_gradients(name, module, stats))
+
+    def _cv_rows(self, name: str, rows: int) -> torch.Tensor | None:
+        if not self.options.cv_rows or self.options.cv_rows >= rows:
+            return None
+        # Seeded by the recipe and the layer: the same run always draws the same rows.
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + sum(map(ord, name)))
+        return torch.randperm(rows, generator=generator)[: self.options.cv_rows].sort().values
+
+    @torch.no_grad()
+    def prune_layer(self, name: str, module: nn.Module, stats: Any, sparsity: float) -> torch.Tensor:
+        weight = weight_matrix(module)
+        options = self.options
+        score_mask = select_mask(self.importance(name, module, stats), self.config, sparsity)
+        mu = options.mu
+        if mu == "auto":
+            dense = weight.float()
+            rows = self._cv_rows(name, dense.shape[0])
+            sample = (dense, score_mask) if rows is None else (dense[rows], score_mask[rows.to(dense.device)])
+            mu, _ = cross_validated_mu(
+                stats.fold_hessians(),
+                *sample,
+                candidates=options.mu_candidates,
+                damping=options.damping,
+                blocksize=options.blocksize,
+                name=name,
+            )
+            self.layer_settings.setdefault("mu", {})[name] = mu
+        hessian = stats.hessian
+        if options.selection == "joint":
+            gradient = self._scaled_gradients(name, module, stats)
+            bonus = None
+            if gradient is not None:
+                activation = stats.sq_mean.sqrt().unsqueeze(0)
+                bonus = 2 * weight.float() ** 2 * (2 * activation * gradient + gradient**2)
+            updated, mask = obs_prune(
+                weight, hessian, sparsity, self.config.nm, options.blocksize, options.damping, mu, saliency_bonus=bonus, name=name
+            )
+        else:
+            updated, mask = obs_prune(
+                weight, hessian, sparsity, self.config.nm, options.blocksize, options.damping, mu, keep_mask=score_mask, name=name
+            )
+        weight.copy_(updated.to(weight.dtype))
+        return mask

@@ -1,0 +1,57 @@
+"""Methods that mask the lowest-scoring weights and leave the rest untouched: one per registered score
+(`optimum_gblm.scores`: magnitude, wanda, gblm, gradient, gblm_inverse)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..engine import as_matrix, weight_matrix
+from ..masks import select_mask
+from ..registry import register_method
+from ..scores import SCORES, ScoreSpec, auto_alpha
+from .base import PruningMethod
+
+
+class ScoreMethod(PruningMethod):
+    """Keep-mask from `score(weight, activation statistic, alpha * gradient norms)` under the config's pattern."""
+
+    score: ClassVar[ScoreSpec]
+
+    def importance(self, name: str, module: nn.Module, stats: Any) -> torch.Tensor:
+        weight = weight_matrix(module)
+        input_sq_mean = stats.sq_mean if stats is not None else None
+        gradient = None
+        if self.score.needs_gradients:
+            gradient = as_matrix(module, self.gradient_norms[name]).to(weight.device)
+            # alpha only matters where the gradient term is weighed against the activation term.
+            if self.score.needs_activations:
+                alpha = self.config.alpha
+                if alpha == "auto":
+                    alpha = auto_alpha(input_sq_mean, gradient)
+                    self.layer_settings.setdefault("alpha", {})[name] = alpha
+                gradient = gradient * alpha
+        return self.score.fn(weight, input_sq_mean, gradient)
+
+    @torch.no_grad()
+    def prune_layer(self, name: str, module: nn.Module, stats: Any, sparsity: float) -> torch.Tensor:
+        return select_mask(self.importance(name, module, stats), self.config, sparsity)
+
+
+def _score_method(spec: ScoreSpec) -> type[ScoreMethod]:
+    doc = (spec.fn.__doc__ or "").strip().splitlines()
+    attributes = {
+        "score": spec,
+        "needs_activations": spec.needs_activations,
+        "needs_gradients": spec.needs_gradients,
+        "help": doc[0] if doc else f"mask by the {spec.name} score",
+        "__doc__": f"Prune by the {spec.name!r} score.",
+        "__module__": __name__,
+    }
+    return type(f"{spec.name.title().replace('_', '')}Method", (ScoreMethod,), attributes)
+
+
+for _spec in SCORES.values():
+    register_method(_spec.name)(_score_method(_spec))

@@ -1,0 +1,61 @@
+"""SparseGPT: the OBS-style baseline that prunes and updates the remaining weights to compensate (see
+`optimum_gblm.obs.sparsegpt_prune` for the column sweep)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import GBLMConfig, check_int, option
+from ..engine import HessianStats, weight_matrix
+from ..obs import sparsegpt_prune
+from ..registry import register_method
+from .base import PruningMethod
+
+
+@dataclass
+class SparseGPTOptions:
+    damping: float = option(0.01, "dampening added to the Hessian, as a share of its mean diagonal")
+    blocksize: int = option(128, "columns pruned and updated together (N:M: a multiple of M)")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not 0 < self.damping < 1e6:
+            raise ValueError(f"sparsegpt damping must be a number > 0 (default 0.01), got {self.damping!r}.")
+        self.damping = float(self.damping)
+        check_int("sparsegpt blocksize", self.blocksize, 1)
+
+
+@register_method("sparsegpt")
+class SparseGPT(PruningMethod):
+    help = "SparseGPT: OBS prune-and-update on each layer's Hessian"
+    Options = SparseGPTOptions
+
+    @classmethod
+    def check_config(cls, config: GBLMConfig) -> None:
+        nm, blocksize = config.nm, config.method_options["blocksize"]
+        if nm is not None and blocksize % nm[1]:
+            raise ValueError(
+                f"sparsegpt blocksize {blocksize} must be a multiple of M={nm[1]} for pattern {config.pattern!r}: "
+                f"set method_options={{'blocksize': {nm[1] * max(1, 128 // nm[1])}}} (--sparsegpt-blocksize)."
+            )
+
+    def new_stats(self, name: str, module: nn.Module) -> HessianStats:
+        return HessianStats(weight_matrix(module).shape[1], module.weight.device)
+
+    @torch.no_grad()
+    def prune_layer(self, name: str, module: nn.Module, stats: Any, sparsity: float) -> torch.Tensor:
+        weight = weight_matrix(module)
+        updated, mask = sparsegpt_prune(
+            weight,
+            stats.hessian,
+            sparsity,
+            self.config.nm,
+            blocksize=self.options.blocksize,
+            damping=self.options.damping,
+            name=name,
+        )
+        weight.copy_(updated.to(weight.dtype))
+        return mask

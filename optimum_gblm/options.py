@@ -1,0 +1,455 @@
+"""Command-line options generated from the recipe: each option is defined once, in `config.GBLMConfig` (and each
+registered method's / profile's `Options` dataclass), and this module turns those fields into
+
+- argparse flags for `optimum-gblm prune` (`add_config_arguments`, `add_runtime_arguments`),
+- the example scripts' HfArgumentParser dataclasses (`pruning_arguments_dataclass`, `runtime_arguments_dataclass`),
+- the flags that reproduce a recipe (`command_line_arguments`, used by the model card's reproduce line),
+
+so that a new recipe field or method option shows up everywhere without a hand-written flag.
+
+Naming: a recipe field `num_samples` is `--num-samples` (examples: `--num_samples`, which HfArgumentParser also
+accepts as `--num-samples`); a method or profile option `damping` of `sparsegpt` is `--sparsegpt-damping`. A method
+option left unset (None) means "the Options default", so the flag of another method can be told apart and refused.
+
+Layering: this module imports `config` and `registry` only. It reads the registries when called, by which time
+`import optimum_gblm` has registered every method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import types
+import typing
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .config import GBLMConfig, PruningRuntime
+from .registry import METHODS, PROFILES
+
+logger = logging.getLogger(__name__)
+
+OWNER_FLAGS = {"method": "--method", "profile": "--sparsity-profile"}
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One generated option: where its value goes, how it is spelt and parsed, and its help."""
+
+    dest: str  # attribute of the parsed namespace and field name of the generated dataclass
+    flags: tuple[str, ...]  # primary flag first, then aliases
+    help: str  # already escaped for argparse (a literal % is %%)
+    kind: str  # "value", "list" or "bool"
+    convert: Callable[[str], Any]  # text -> value (argparse's `type`)
+    annotation: Any  # the dataclass field type for HfArgumentParser
+    choices: tuple[Any, ...] | None
+    default: Any  # the argparse / dataclass default (None for method and profile options: "their default")
+    option: str  # the GBLMConfig field, or the Options field for a method / profile option
+    option_default: Any  # the value the recipe holds when the flag is not given
+    owner: tuple[str, str] | None = None  # ("method" | "profile", registered name) for a method / profile option
+    negative_flag: str | None = None  # bool defaulting to True: the flag that turns it off
+    parse: Callable[[str], Any] | None = None  # config-level parser (e.g. alpha's "auto"), applied to text values
+
+    @property
+    def primary(self) -> str:
+        return self.flags[0]
+
+
+# -- reading the fields ----------------------------------------------------------------------------------------
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # an annotation we cannot evaluate: fall back to the defaults' types
+        return {}
+
+
+def _strip_optional(hint: Any) -> tuple[Any, bool]:
+    """`X | None` -> (X, True); a union of several types stays a union."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(hint))
+        if len(args) == 1:
+            return args[0], optional
+        return typing.Union[tuple(args)], optional  # noqa: UP007 (built from a runtime tuple)
+    return hint, False
+
+
+def _argument_type(function: Callable[[str], Any], name: str) -> Callable[[str], Any]:
+    """Wrap a parser so that its ValueError becomes argparse's one-line usage error."""
+
+    def convert(text: str) -> Any:
+        try:
+            return function(text)
+        except (TypeError, ValueError) as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    convert.__name__ = name  # argparse names the type in "invalid <name> value"
+    return convert
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(format_value, value))
+    return format_value(value)
+
+
+def format_value(value: Any) -> str:
+    """A value as command-line text that parses back to the same value (floats: shortest exact form)."""
+    if isinstance(value, float):
+        text = repr(value)
+        return text[:-2] if text.endswith(".0") else text
+    return str(value)
+
+
+def _flag_for(
+    f: dataclasses.Field, hint: Any, dest: str, primary: str, option_default: Any, owner: tuple[str, str] | None
+) -> Flag:
+    meta = f.metadata
+    text = str(meta.get("help") or "").strip()
+    if not text:
+        where = f"{owner[0]} {owner[1]!r}'s option" if owner else "GBLMConfig field"
+        raise ValueError(f"{where} {f.name!r} has no help text: give it `option(default, 'help ...')`.")
+    inner, optional = _strip_optional(hint)
+    if isinstance(inner, str):  # unresolved annotation
+        inner = type(option_default) if option_default is not None else str
+    parse = meta.get("parse")
+    choices = meta.get("choices")
+    if callable(choices):
+        choices = choices()
+    choices = tuple(choices) if choices is not None else None
+    nargs = meta.get("nargs")
+    origin = typing.get_origin(inner)
+    negative = None
+    if inner is bool:
+        kind, element, annotation = "bool", bool, (bool | None) if owner else bool
+        if owner is None and option_default is True:
+            negative = meta.get("negative_flag") or f"--no-{primary[2:]}"
+    elif nargs or origin in (list, tuple) or inner in (list, tuple):
+        element_args = typing.get_args(inner)
+        element = meta.get("type") or (element_args[0] if element_args and isinstance(element_args[0], type) else str)
+        if parse is not None:
+            element = str  # parsed item by item by to_config
+        optional = optional or owner is not None or option_default is None
+        kind, annotation = "list", list[element] | None if optional else list[element]
+    else:
+        element = meta.get("type") or (inner if inner in (int, float, str) else str)
+        kind = "value"
+        if parse is not None:
+            element = str  # HfArgumentParser allows one type: text, parsed by to_config
+        annotation = element | None if (optional or owner is not None or option_default is None) else element
+    convert = _argument_type(parse, f.name) if parse is not None else element
+    if owner is not None:
+        flag_of_owner = OWNER_FLAGS[owner[0]]
+        text = f"{text} (default: {_show(option_default)}; only with {flag_of_owner} {owner[1]})"
+    elif kind != "bool" and "default" not in text.lower():
+        text = f"{text} (default: {_show(option_default)})"
+    aliases = meta.get("aliases") or ()
+    if isinstance(aliases, str):
+        aliases = (aliases,)
+    return Flag(
+        dest=dest,
+        flags=(primary, *aliases),
+        help=text.replace("%", "%%"),
+        kind=kind,
+        convert=convert,
+        annotation=annotation,
+        choices=choices,
+        default=None if owner is not None else option_default,
+        option=f.name,
+        option_default=option_default,
+        owner=owner,
+        negative_flag=negative,
+        parse=parse,
+    )
+
+
+def recipe_flags() -> list[Flag]:
+    """One flag per `GBLMConfig` field meant for the command line (metadata `cli` not False)."""
+    hints = _type_hints(GBLMConfig)
+    return [
+        _flag_for(f, hints.get(f.name, f.type), f.name, "--" + f.name.replace("_", "-"), _field_default(f), None)
+        for f in dataclasses.fields(GBLMConfig)
+        if f.init and f.metadata.get("cli", True) is not False
+    ]
+
+
+def owner_flags() -> list[Flag]:
+    """One flag per option of every registered method and sparsity profile: `--{name}-{option}`."""
+    flags = []
+    for kind, table in (("method", METHODS), ("profile", PROFILES)):
+        for name in sorted(table):
+            options_class = getattr(table[name], "Options", None)
+            if options_class is None:
+                continue
+            hints = _type_hints(options_class)
+            for f in dataclasses.fields(options_class):
+                if not f.init or f.metadata.get("cli", True) is False:
+                    continue
+                dest = f"{name}_{f.name}"
+                primary = "--" + dest.replace("_", "-")
+                flags.append(_flag_for(f, hints.get(f.name, f.type), dest, primary, _field_default(f), (kind, name)))
+    return flags
+
+
+def runtime_flags() -> list[Flag]:
+    """One flag per `PruningRuntime` field meant for the command line (cache folder, gradient checkpointing...)."""
+    hints = _type_hints(PruningRuntime)
+    return [
+        _flag_for(f, hints.get(f.name, f.type), f.name, "--" + f.name.replace("_", "-"), _field_default(f), None)
+        for f in dataclasses.fields(PruningRuntime)
+        if f.metadata.get("cli", True) is not False
+    ]
+
+
+def _checked(flags: list[Flag]) -> list[Flag]:
+    """Two fields must never share a flag or a destination (a method named like a recipe field could)."""
+    seen_dest: dict[str, str] = {}
+    seen_flag: dict[str, str] = {}
+    for flag in flags:
+        spellings = [*flag.flags, *([flag.negative_flag] if flag.negative_flag else [])]
+        if flag.kind == "bool" and flag.owner is not None:
+            spellings.append("--no-" + flag.primary[2:])
+        for spelling in spellings:
+            if spelling in seen_flag:
+                raise ValueError(
+                    f"option {flag.option!r} and {seen_flag[spelling]!r} would both be {spelling}: rename one."
+                )
+            seen_flag[spelling] = flag.option
+        if flag.dest in seen_dest:
+            raise ValueError(
+                f"options {flag.option!r} and {seen_dest[flag.dest]!r} both map to {flag.dest!r}: rename one."
+            )
+        seen_dest[flag.dest] = flag.option
+    return flags
+
+
+def all_flags() -> list[Flag]:
+    """Recipe, method / profile and runtime flags, checked for clashes."""
+    return _checked(recipe_flags() + owner_flags() + runtime_flags())
+
+
+# -- argparse ----------------------------------------------------------------------------------------------------
+def _add(group: Any, flag: Flag) -> None:
+    if flag.kind == "bool":
+        if flag.owner is not None:  # unset (None) = the option's default, so both directions are spelt out
+            action, names, default, text = argparse.BooleanOptionalAction, flag.flags, None, flag.help
+        elif flag.negative_flag:
+            action, names, default, text = "store_false", (flag.negative_flag,), True, f"turn off: {flag.help}"
+        else:
+            action, names, default, text = "store_true", flag.flags, bool(flag.default), flag.help
+        group.add_argument(*names, dest=flag.dest, action=action, default=default, help=text)
+        return
+    kwargs: dict[str, Any] = {"dest": flag.dest, "type": flag.convert, "default": flag.default, "help": flag.help}
+    if flag.choices is not None:
+        kwargs["choices"] = flag.choices
+    if flag.kind == "list":
+        kwargs["nargs"] = "+"
+    group.add_argument(*flag.flags, **kwargs)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add a flag per recipe field and per registered method / profile option (grouped by owner in --help)."""
+    flags = _checked(recipe_flags() + owner_flags())
+    listing = "; ".join(
+        f"{kind} {name}: {getattr(table[name], 'help', '') or '-'}"
+        for kind, table in (("method", METHODS), ("profile", PROFILES))
+        for name in sorted(table)
+    )
+    recipe = parser.add_argument_group("pruning recipe", listing.replace("%", "%%") or None)
+    for flag in flags:
+        if flag.owner is None:
+            _add(recipe, flag)
+    groups: dict[tuple[str, str], Any] = {}
+    for flag in flags:
+        if flag.owner is None:
+            continue
+        if flag.owner not in groups:
+            kind, name = flag.owner
+            table = METHODS if kind == "method" else PROFILES
+            description = getattr(table[name], "help", "") or ""
+            groups[flag.owner] = parser.add_argument_group(
+                f"{kind} {name} options", description.replace("%", "%%") or None
+            )
+        _add(groups[flag.owner], flag)
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the flags of `PruningRuntime`: how the run executes, not what it produces."""
+    group = parser.add_argument_group("runtime (does not change the result)")
+    for flag in runtime_flags():
+        _add(group, flag)
+
+
+# -- namespace -> config -------------------------------------------------------------------------------------------
+def _value(flag: Flag, value: Any) -> Any:
+    """Apply the field's parser to text (HfArgumentParser and JSON files hand over text, argparse parsed values)."""
+    if flag.parse is None:
+        return value
+    if flag.kind == "list" and isinstance(value, (list, tuple)):
+        return [flag.parse(v) if isinstance(v, str) else v for v in value]
+    return flag.parse(value) if isinstance(value, str) else value
+
+
+def config_from_arguments(namespace: Any, **overrides: Any) -> GBLMConfig:
+    """Build the recipe from parsed flags (an argparse namespace or a generated dataclass instance).
+
+    Attributes the namespace lacks keep their defaults; `overrides` (recipe fields) win over the namespace, for
+    values that come from elsewhere (the fine-tuning script's seed, a tokenizer path). Options of a method or profile
+    other than the chosen one are refused by name: silently ignoring `--sparsegpt-damping` with `--method wanda`
+    would hide a mistake.
+    """
+    values: dict[str, Any] = {}
+    for flag in recipe_flags():
+        if hasattr(namespace, flag.dest):
+            values[flag.option] = _value(flag, getattr(namespace, flag.dest))
+    values.update(overrides)
+    chosen = {
+        "method": values.get("method", GBLMConfig.__dataclass_fields__["method"].default),
+        "profile": values.get("sparsity_profile", GBLMConfig.__dataclass_fields__["sparsity_profile"].default),
+    }
+    options: dict[str, dict[str, Any]] = {"method": {}, "profile": {}}
+    stray = []
+    for flag in owner_flags():
+        value = getattr(namespace, flag.dest, None)
+        if value is None:
+            continue
+        kind, name = flag.owner  # type: ignore[misc]
+        if name != chosen[kind]:
+            stray.append(f"{flag.primary} (only with {OWNER_FLAGS[kind]} {name})")
+        else:
+            options[kind][flag.option] = _value(flag, value)
+    if stray:
+        raise ValueError(
+            f"{', '.join(stray)} given, but the recipe uses {OWNER_FLAGS['method']} {chosen['method']} and "
+            f"{OWNER_FLAGS['profile']} {chosen['profile']}: drop {'it' if len(stray) == 1 else 'them'} or change "
+            f"the method / profile."
+        )
+    values.setdefault("method_options", options["method"])
+    values.setdefault("profile_options", options["profile"])
+    return GBLMConfig(**values)
+
+
+def runtime_from_arguments(namespace: Any, **overrides: Any) -> PruningRuntime:
+    """Build the runtime settings from parsed flags; missing attributes keep their defaults."""
+    values = {flag.option: getattr(namespace, flag.dest) for flag in runtime_flags() if hasattr(namespace, flag.dest)}
+    values.update(overrides)
+    return PruningRuntime(**values)
+
+
+# -- config -> flags -----------------------------------------------------------------------------------------------
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    return a == b
+
+
+def _render(flag: Flag, value: Any) -> list[str]:
+    if flag.kind == "bool":
+        if flag.owner is not None:
+            return [flag.primary if value else "--no-" + flag.primary[2:]]
+        return [flag.primary] if value else [flag.negative_flag or "--no-" + flag.primary[2:]]
+    if value is None:
+        logger.warning("%s cannot express %s=None on the command line; it is left out.", flag.primary, flag.option)
+        return []
+    if flag.kind == "list":
+        items = [format_value(v) for v in value]
+        if not items:
+            logger.warning("%s cannot express an empty list; it is left out.", flag.primary)
+        return [flag.primary, *items] if items else []
+    text = format_value(value)
+    # A value such as "-1" or "-x" would read as a flag: attach it.
+    return [f"{flag.primary}={text}"] if text.startswith("-") else [flag.primary, text]
+
+
+def command_line_arguments(config: GBLMConfig, always: Iterable[str] = (), **replace: Any) -> list[str]:
+    """The flags that reproduce `config`'s recipe: only what differs from the defaults.
+
+    `always` names recipe fields to spell out even at their default (a model card states method, sparsity and
+    pattern for its reader); `replace` substitutes recipe values first (e.g. the calibration source the run actually
+    used). Parsing the result with `add_config_arguments` and `config_from_arguments` gives back the same recipe.
+    """
+    recipe = {**config.recipe(), **replace}
+    always = set(always)
+    arguments: list[str] = []
+    for flag in recipe_flags():
+        value = recipe.get(flag.option, flag.option_default)
+        stated = flag.option in always and value is not None and flag.kind != "bool"
+        if stated or not _same(value, flag.option_default):
+            arguments += _render(flag, value)
+    chosen = {"method": (recipe["method"], recipe.get("method_options") or {}),
+              "profile": (recipe["sparsity_profile"], recipe.get("profile_options") or {})}
+    for flag in owner_flags():
+        kind, name = flag.owner  # type: ignore[misc]
+        owner, values = chosen[kind]
+        if name == owner and flag.option in values and not _same(values[flag.option], flag.option_default):
+            arguments += _render(flag, values[flag.option])
+    return arguments
+
+
+# -- HfArgumentParser dataclasses ------------------------------------------------------------------------------------
+def _dataclass_field(flag: Flag) -> tuple[str, Any, dataclasses.Field]:
+    # HfArgumentParser passes the metadata to argparse's add_argument: only keys argparse knows.
+    metadata: dict[str, Any] = {"help": flag.help}
+    if flag.choices is not None:
+        metadata["choices"] = list(flag.choices)
+    if len(flag.flags) > 1:
+        metadata["aliases"] = list(flag.flags[1:])
+    default = flag.default
+    if isinstance(default, (list, dict)):
+        field = dataclasses.field(default_factory=lambda d=default: list(d), metadata=metadata)  # type: ignore[misc]
+        return flag.dest, flag.annotation, field
+    return flag.dest, flag.annotation, dataclasses.field(default=default, metadata=metadata)
+
+
+def _excluded(flags: list[Flag], exclude: Iterable[str]) -> list[Flag]:
+    exclude = set(exclude)
+    unknown = exclude - {f.dest for f in flags}
+    if unknown:
+        raise ValueError(
+            f"cannot exclude {sorted(unknown)}: not among the generated arguments {sorted(f.dest for f in flags)}."
+        )
+    return [f for f in flags if f.dest not in exclude]
+
+
+def pruning_arguments_dataclass(exclude: Sequence[str] = (), name: str = "PruningArguments") -> type:
+    """A dataclass for transformers' HfArgumentParser with the CLI's recipe and method options (underscored names,
+    same help); its `to_config(**overrides)` builds the `GBLMConfig`.
+
+    `exclude` drops arguments another dataclass of the same parser already defines (TrainingArguments' `seed`);
+    pass their values to `to_config` instead.
+    """
+    flags = _excluded(_checked(recipe_flags() + owner_flags()), exclude)
+
+    def to_config(self: Any, **overrides: Any) -> GBLMConfig:
+        return config_from_arguments(self, **overrides)
+
+    return dataclasses.make_dataclass(
+        name,
+        [_dataclass_field(f) for f in flags],
+        namespace={"to_config": to_config, "__doc__": "The pruning recipe, generated from GBLMConfig (see options)."},
+    )
+
+
+def runtime_arguments_dataclass(exclude: Sequence[str] = (), name: str = "RuntimeArguments") -> type:
+    """A dataclass for HfArgumentParser with `PruningRuntime`'s settings; `to_runtime(**overrides)` builds one."""
+    flags = _excluded(runtime_flags(), exclude)
+
+    def to_runtime(self: Any, **overrides: Any) -> PruningRuntime:
+        return runtime_from_arguments(self, **overrides)
+
+    return dataclasses.make_dataclass(
+        name,
+        [_dataclass_field(f) for f in flags],
+        namespace={"to_runtime": to_runtime, "__doc__": "How the pruning runs (cache, gradient checkpointing)."},
+    )

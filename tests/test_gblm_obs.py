@@ -1,0 +1,66 @@
+"""gblm_obs on whole (tiny) models: its two limits are the methods it slides between."""
+
+import pytest
+import torch
+from conftest import tiny_model, weights_of
+
+from optimum_gblm import GBLMConfig, GBLMPruner
+from optimum_gblm.engine import prunable_modules, weight_matrix
+
+
+def pruned(method, calibration_ids, pattern="unstructured", **options):
+    model = tiny_model("llama")
+    config = GBLMConfig(method=method, pattern=pattern, method_options=options)
+    GBLMPruner(config, use_cache=False, show_progress=False).prune(model, calibration_ids)
+    return model
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+@pytest.mark.parametrize("score", ["wanda", "gblm"])
+def test_without_update_it_is_the_score_method(calibration_ids, pattern, score):
+    # mu -> inf: U_jk / U_jj -> 0, no compensation: exactly the score method's mask and (to rounding) its weights.
+    reference = weights_of(pruned(score, calibration_ids, pattern))
+    model = pruned("gblm_obs", calibration_ids, pattern, score=score, mu=1e9)
+    for name, value in weights_of(model).items():
+        assert torch.equal(value == 0, reference[name] == 0), name
+        torch.testing.assert_close(value, reference[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_joint_selection_at_mu_zero_without_gradients_is_sparsegpt(calibration_ids, pattern):
+    reference = weights_of(pruned("sparsegpt", calibration_ids, pattern))
+    model = pruned("gblm_obs", calibration_ids, pattern, score="wanda", selection="joint", mu=0.0)
+    for name, value in weights_of(model).items():  # the Hessian is summed in another order: rounding only
+        assert torch.equal(value == 0, reference[name] == 0), name
+        torch.testing.assert_close(value, reference[name], rtol=1e-4, atol=1e-6)
+
+
+def test_auto_mu_is_chosen_per_layer_and_recorded(calibration_ids, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = pruned("gblm_obs", calibration_ids, mu_candidates=[0.1, 1.0, 10.0], folds=2)
+    record = model.config.quantization_config.record
+    mus = record.layer_settings["mu"]
+    assert set(mus) == set(prunable_modules(model)) and set(mus.values()) <= {0.1, 1.0, 10.0}
+    assert record.global_sparsity == 0.5
+    dense = tiny_model("llama")
+    updated = [n for n, m in prunable_modules(model).items() if mus[n] < 10.0]
+    kept_changed = [
+        n for n in updated
+        if not torch.equal(weight_matrix(prunable_modules(model)[n])[weight_matrix(prunable_modules(model)[n]) != 0],
+                           weight_matrix(prunable_modules(dense)[n])[weight_matrix(prunable_modules(model)[n]) != 0])
+    ]
+    assert kept_changed == updated, "a finite mu updates the kept weights"
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config.quantization_config.record.layer_settings["mu"] == mus
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="gblm_obs score must be one of"):
+        GBLMConfig(method="gblm_obs", method_options={"score": "sparsegpt"})
+    with pytest.raises(ValueError, match="folds=3 needs at least that many"):
+        GBLMConfig(method="gblm_obs", num_samples=2)
+    with pytest.raises(ValueError, match="'auto' or a finite number"):
+        GBLMConfig(method="gblm_obs", method_options={"mu": -1})
+    assert not GBLMConfig(method="gblm_obs", method_options={"score": "wanda"}).options().score == "gblm"
