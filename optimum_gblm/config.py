@@ -57,17 +57,22 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     raise ValueError(f"pattern {pattern!r} is not understood: use 'unstructured' or an N:M pattern such as '2:4'.")
 
 
-def parse_alpha(value: str | float) -> float | str:
-    """alpha from a command line or a form: "auto" or a number >= 0."""
+def parse_auto_or_number(value: str | float, what: str, hint: str = "") -> float | str:
+    """"auto" or a finite number >= 0, from a command line, a form or Python; `what` names the setting in errors."""
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
     try:
-        alpha = float(value)
+        number = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"alpha must be a number >= 0 (default 100; 0 is Wanda) or 'auto', got {value!r}.") from None
-    if not math.isfinite(alpha) or alpha < 0:
-        raise ValueError(f"alpha must be a number >= 0 (default 100; 0 is Wanda) or 'auto', got {value!r}.")
-    return alpha
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number) or number < 0:
+        raise ValueError(f"{what} must be a number >= 0 or 'auto'{hint}, got {value!r}.")
+    return number
+
+
+def parse_alpha(value: str | float) -> float | str:
+    """alpha from a command line or a form: "auto" or a number >= 0."""
+    return parse_auto_or_number(value, "alpha", " (default 100; 0 is Wanda)")
 
 
 def check_int(name: str, value: Any, minimum: int) -> int:
@@ -123,6 +128,11 @@ class PruningRuntime:
     use_cache: bool = option(True, "read and write the gradient cache", negative_flag="--no-cache")
     gradient_checkpointing: bool = option(False, "recompute activations in the gradient stage to save memory")
     show_progress: bool = option(True, "progress bars", cli=False)
+    compute_device: str | None = option(
+        None,
+        "compute device for the layer-wise pass, e.g. cuda: each decoder block is moved there for its turn and back "
+        "(default: where the weights are)",
+    )
 
 
 @dataclass
@@ -221,20 +231,16 @@ class GBLMConfig(QuantizationConfigMixin):
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}.")
         if self.use_variant and self.scope != "row":
             raise ValueError("use_variant picks per-row thresholds; it cannot be combined with scope='layer'.")
-        if isinstance(self.dataset, os.PathLike):
-            self.dataset = os.fspath(self.dataset)
-        if self.dataset is not None and not isinstance(self.dataset, str):
-            raise ValueError(
-                f"dataset must be a name ('c4', 'wikitext2') or a path, got {type(self.dataset).__name__}; pass "
-                f"other calibration data to prune(model, calibration) instead."
-            )
-        if isinstance(self.tokenizer, os.PathLike):
-            self.tokenizer = os.fspath(self.tokenizer)
-        if self.tokenizer is not None and not isinstance(self.tokenizer, str):
-            raise ValueError(
-                f"tokenizer must be a tokenizer's name or path, got {type(self.tokenizer).__name__}; pass a tokenizer "
-                f"object to prune(model, calibration, tokenizer=tokenizer) instead."
-            )
+        # Names and paths only: objects (datasets, tokenizers) are run-time inputs of prune(), not part of a recipe.
+        for name, fix in (
+            ("dataset", "a name ('c4', 'wikitext2') or a path; pass other calibration data to prune(model, calibration)"),
+            ("tokenizer", "a tokenizer's name or path; pass a tokenizer object to prune(model, calibration, tokenizer=tokenizer)"),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                setattr(self, name, value := os.fspath(value))
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} must be {fix} instead; got {type(value).__name__}.")
         if (
             not isinstance(self.masks_file, str)
             or not self.masks_file.endswith(".safetensors")

@@ -191,13 +191,8 @@ def obs_prune(
 
 
 def sparsegpt_prune(
-    weight: Tensor,
-    hessian: Tensor,
-    sparsity: float,
-    nm: tuple[int, int] | None = None,
-    blocksize: int = 128,
-    damping: float = 0.01,
-    name: str = "layer",
+    weight: Tensor, hessian: Tensor, sparsity: float, nm: tuple[int, int] | None = None,
+    blocksize: int = 128, damping: float = 0.01, name: str = "layer",
 ) -> tuple[Tensor, Tensor]:
     """SparseGPT: obs_prune with mu=0 and the mask chosen jointly; (pruned and updated W fp32, keep-mask)."""
     return obs_prune(weight, hessian, sparsity, nm, blocksize, damping, name=name)

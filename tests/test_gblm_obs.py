@@ -61,6 +61,6 @@ def test_options_are_checked():
         GBLMConfig(method="gblm_obs", method_options={"score": "sparsegpt"})
     with pytest.raises(ValueError, match="folds=3 needs at least that many"):
         GBLMConfig(method="gblm_obs", num_samples=2)
-    with pytest.raises(ValueError, match="'auto' or a finite number"):
+    with pytest.raises(ValueError, match="gblm_obs mu must be a number >= 0 or 'auto'"):
         GBLMConfig(method="gblm_obs", method_options={"mu": -1})
     assert not GBLMConfig(method="gblm_obs", method_options={"score": "wanda"}).options().score == "gblm"

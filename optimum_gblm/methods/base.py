@@ -20,6 +20,9 @@ from torch import nn
 from ..config import GBLMConfig
 from ..engine import InputStats, weight_matrix
 
+Tensor = torch.Tensor
+Modules = dict[str, nn.Module]
+
 
 class PruningMethod:
     """One pruning method. The engine calls, for every targeted layer in block order, `new_stats` (when
@@ -94,11 +97,7 @@ class SparsityProfile:
         return False
 
     def layer_sparsities(
-        self,
-        model: nn.Module,
-        input_ids: torch.Tensor | None,
-        method: PruningMethod,
-        modules: dict[str, nn.Module],
-        show_progress: bool = True,
+        self, model: nn.Module, input_ids: Tensor | None, method: PruningMethod, modules: Modules, show_progress: bool = True
     ) -> dict[str, float]:
+        """Sparsity per layer name, for every layer in `modules` (a measuring pass may run `method` over the model)."""
         raise NotImplementedError

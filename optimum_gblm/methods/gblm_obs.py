@@ -19,14 +19,13 @@ squared GBLM score, as SparseGPT's is twice Wanda's squared score).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import GBLMConfig, check_int, check_number, option
+from ..config import GBLMConfig, check_int, check_number, option, parse_auto_or_number
 from ..engine import as_matrix, weight_matrix
 from ..masks import select_mask
 from ..obs import cross_validated_mu, obs_prune
@@ -38,15 +37,7 @@ SELECTIONS = ("score", "joint")
 
 
 def _parse_mu(value: Any) -> float | str:
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    try:
-        mu = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"gblm_obs mu must be 'auto' or a number >= 0, got {value!r}.") from None
-    if not math.isfinite(mu) or mu < 0:
-        raise ValueError(f"gblm_obs mu must be 'auto' or a finite number >= 0, got {value!r}.")
-    return mu
+    return parse_auto_or_number(value, "gblm_obs mu")
 
 
 @dataclass

@@ -21,7 +21,7 @@ from ..config import GBLMConfig, check_number, option
 from ..engine import InputStats, run_layerwise, visit_without_calibration, weight_matrix
 from ..registry import register_profile
 from ..scores import wanda_score
-from .base import PruningMethod, SparsityProfile
+from .base import Modules, PruningMethod, SparsityProfile, Tensor
 
 logger = logging.getLogger(__name__)
 
@@ -119,12 +119,7 @@ class OWLProfile(SparsityProfile):
         return _measures_activations(method)
 
     def layer_sparsities(
-        self,
-        model: nn.Module,
-        input_ids: torch.Tensor | None,
-        method: PruningMethod,
-        modules: dict[str, nn.Module],
-        show_progress: bool = True,
+        self, model: nn.Module, input_ids: Tensor | None, method: PruningMethod, modules: Modules, show_progress: bool = True
     ) -> dict[str, float]:
         # One measuring pass over the dense model, then per-block sparsities for the pruning pass.
         meter = OutlierMeter(method, self.options.threshold)

@@ -1,0 +1,117 @@
+"""gblm_obs (GBLM mask + OBS update on a regularised Hessian) against Wanda, GBLM and SparseGPT: validation texts for
+choices, test texts for claims; the mu sweep (in-domain against off-domain perplexity) and attribution rows.
+
+    python benchmarks/reconstruction.py --data-dir ../shared/data --seeds 0 --num-samples 64
+    python benchmarks/reconstruction.py --methods gblm-obs-mu0,gblm-obs-mu0.1,gblm-obs-mu1,gblm-obs-mu10 --seeds 0
+
+Calibration: windows of Emma, Mansfield Park and Pride and Prejudice (Sense and Sensibility stays out: it is a test
+text). Validation: the first tokens of Northanger Abbey and of the Debian handbook. Test: the first tokens of Sense
+and Sensibility (like the calibration text) and the Debian handbook's second half (far from it). Rows are kept in a
+JSON beside the table as they finish; a rerun with the same settings skips them.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import common
+import compare
+
+from optimum_gblm import GBLMConfig, GBLMPruner, get_calibration_data
+from optimum_gblm.config import parse_pattern
+from optimum_gblm.engine import prunable_modules
+from optimum_gblm.gradients import cached_gradient_norms
+from optimum_gblm.registry import get_method
+
+MU_SWEEP = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+METHODS = {
+    "wanda": {"method": "wanda"},
+    "gblm-auto": {"method": "gblm", "alpha": "auto"},
+    "sparsegpt": {"method": "sparsegpt"},
+    "gblm-obs": {"method": "gblm_obs", "alpha": "auto"},
+    "gblm-obs-joint": {"method": "gblm_obs", "alpha": "auto", "method_options": {"selection": "joint"}},
+    # the mu sweep; mu0 is "GBLM's mask with SparseGPT's update" (attribution)
+    **{f"gblm-obs-mu{mu:g}": {"method": "gblm_obs", "alpha": "auto", "method_options": {"mu": mu}} for mu in MU_SWEEP},
+}
+TEXTS = {
+    **{f"{label} (val)": spec for label, spec in common.VALIDATION_FILES.items()},
+    **{f"{label} (test)": spec for label, spec in common.TEST_FILES.items()},
+}
+SETTINGS = ("model", "gguf_file", "num_samples", "seqlen", "eval_seqlen", "eval_tokens", "sparsity")
+
+
+def main() -> None:
+    args = common.argument_parser(
+        __doc__, "data_dir", "model", "gguf_file", "num_samples", "seqlen", "seeds", "eval_seqlen", "patterns", "sparsity",
+        methods=dict(default="wanda,gblm-auto,sparsegpt,gblm-obs", help=f"comma-separated, from {','.join(METHODS)}"),
+        eval_tokens=dict(type=int, default=4096, help="tokens evaluated per text"),
+        output=dict(default="benchmarks/results/reconstruction_smollm2.md"),
+    ).parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    model, tokenizer, restore = common.load_dense(args.model, args.gguf_file)
+    modules = prunable_modules(model)
+    calibration_text = common.read_texts(args.data_dir, common.SWEEP_CALIBRATION_FILES)
+    eval_tokens = common.evaluation_tokens(args.data_dir, tokenizer, args.eval_tokens, TEXTS)
+    settings = {name: getattr(args, name) for name in SETTINGS}
+    results_path = Path(args.output).with_suffix(".json")
+    rows: list[dict] = common.load_resumable(results_path, settings, empty={"rows": []})["rows"]
+    header = [
+        "# gblm_obs against Wanda, GBLM and SparseGPT",
+        "",
+        f"- model: {args.model or common.DEFAULT_MODEL_LABEL}",
+        f"- calibration: {args.num_samples} x {args.seqlen} tokens from {', '.join(common.SWEEP_CALIBRATION_FILES)}",
+        f"- evaluation: {args.eval_tokens} tokens per text, windows of {args.eval_seqlen}; (val) texts choose, (test) texts "
+        f"claim; 'Debian handbook, 2nd half' starts at the handbook's middle token",
+        f"- machine: {common.machine()}; prune s is the layer-wise stage with gradients cached",
+        "",
+    ]
+    done = {(r["method"], r["pattern"], r["seed"]) for r in rows}
+
+    def add_row(row: dict) -> None:
+        rows.append(row)
+        done.add((row["method"], row["pattern"], row["seed"]))
+        common.atomic_write_text(args.output, "\n".join(header + compare.report_lines(rows, list(eval_tokens))) + "\n")
+        common.write_json(results_path, {"settings": settings, "rows": rows})
+        print(compare.report_lines(rows[-1:], list(eval_tokens))[-1], flush=True)
+
+    if ("dense", "-", "-") not in done:
+        add_row({"method": "dense", "pattern": "-", "seed": "-", "ppl": common.perplexities(model, eval_tokens, args.eval_seqlen),
+                 "prune_s": 0.0, "gradient_s": "-", "gradient_rss": "-"})
+    with tempfile.TemporaryDirectory(prefix="gblm-obs-bench-") as cache_dir:
+        for seed in common.comma_list(args.seeds, int):
+            calibration = get_calibration_data(calibration_text, tokenizer, args.num_samples, args.seqlen, seed)
+            gradient_s = "-"
+            for pattern in common.comma_list(args.patterns):
+                nm = parse_pattern(pattern)
+                for label in common.comma_list(args.methods):
+                    if (label, pattern, seed) in done:
+                        continue
+                    config = GBLMConfig(
+                        **METHODS[label], pattern=pattern, sparsity=args.sparsity if nm is None else nm[0] / nm[1],
+                        num_samples=args.num_samples, seqlen=args.seqlen, seed=seed,
+                    )
+                    restore()
+                    if gradient_s == "-" and get_method(config.method).gradients_needed(config):
+                        # Stage 1 once per seed (l1, stored without alpha): every method and pattern reuses it.
+                        tick = time.perf_counter()
+                        cached_gradient_norms(model, calibration, modules, norm="l1", cache_dir=cache_dir, show_progress=False)
+                        gradient_s = f"{time.perf_counter() - tick:.1f}"
+                        restore()
+                    GBLMPruner(config, cache_dir=cache_dir, show_progress=False).prune(model, calibration)
+                    record = model.config.quantization_config.record
+                    mus = record.layer_settings.get("mu")
+                    add_row({
+                        "method": label, "pattern": pattern, "seed": seed,
+                        "ppl": common.perplexities(model, eval_tokens, args.eval_seqlen),
+                        "prune_s": record.timings_seconds["prune"],
+                        "gradient_s": gradient_s if get_method(config.method).gradients_needed(config) else "-",
+                        "gradient_rss": "-",
+                        **({"mu": mus} if mus else {}),
+                    })
+
+
+if __name__ == "__main__":
+    main()
