@@ -8,13 +8,19 @@ Models dispatched by accelerate (`from_pretrained(..., device_map=...)` with blo
 offloaded weights on the meta device until an `AlignDevicesHook` onloads them for a forward. The engine onloads one
 block at a time to its execution device, keeps it there while calibration runs through it and it is pruned, and
 writes the changed weights back to the hook's weights map (the offload folder for disk) before offloading it again.
+
+A model that is not dispatched can name a compute device (`compute_on("cuda")`, or `device=` on the passes): each
+decoder block is moved there for its turn (statistics, pruning, pruned outputs) and back to where its weights were,
+as optimum's GPTQQuantizer does; the calibration activations live on the compute device, everything else stays put.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -248,14 +254,129 @@ def _visit_and_store(visitor: LayerVisitor, name: str, module: nn.Module, stats:
 
 
 @torch.no_grad()
-def visit_without_calibration(model: nn.Module, visitor: LayerVisitor, targets: list[str] | None = None) -> None:
+def visit_without_calibration(
+    model: nn.Module, visitor: LayerVisitor, targets: list[str] | None = None, device: str | torch.device | None = None
+) -> None:
     """Visit layers that need no activations (magnitude), block by block, each layer onloaded on its own when
-    accelerate offloads it."""
-    for layers in _layers_by_block(model, targets):
-        for name, module in layers.items():
-            with Onloaded(module) as onloaded:
-                _visit_and_store(visitor, name, module, None, onloaded)
+    accelerate offloads it; with a compute `device` (default: `compute_on`'s) each block is moved there for its turn."""
+    device = _compute_device(model, device)
+    _, blocks = find_decoder_blocks(model)
+    for block, layers in zip(blocks, _layers_by_block(model, targets)):
+        with OnDevice(block, device if layers else None):
+            for name, module in layers.items():
+                with Onloaded(module) as onloaded:
+                    _visit_and_store(visitor, name, module, None, onloaded)
         visitor.end_block()
+
+
+# -- compute device ---------------------------------------------------------------------------------------------
+_COMPUTE_DEVICE: contextvars.ContextVar[torch.device | None] = contextvars.ContextVar("gblm_compute_device", default=None)
+
+
+def is_dispatched(model: nn.Module) -> bool:
+    """Whether accelerate placed `model` with hooks (a multi-device or offloading `device_map`, `cpu_offload`...)."""
+    return any(_align_hooks(sub) for sub in model.modules())
+
+
+def check_compute_device(model: nn.Module, device: str | torch.device | None) -> torch.device | None:
+    """The compute device for the layer-wise pass, refused with the fix before anything changes when it cannot be
+    used: not a device, the meta device, a device this machine lacks, or a model whose blocks accelerate places."""
+    if device is None:
+        return None
+    if not isinstance(device, (str, torch.device)):
+        raise ValueError(f"compute_device must be a device name such as 'cuda' or 'cuda:1', got {type(device).__name__}.")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"compute_device {device!r} is not a torch device: use e.g. 'cuda', 'cuda:1', 'xpu' or 'cpu'.") from None
+    if resolved.type == "meta":
+        raise ValueError("compute_device 'meta' holds no values, so nothing could be measured there: use e.g. 'cuda'.")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"compute_device {device!r} needs a CUDA GPU, but torch {torch.__version__} sees none "
+            f"(torch.cuda.is_available() is False): drop compute_device (--compute-device) to prune where the weights "
+            f"are, or install a CUDA build of torch on a machine with a GPU."
+        )
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"compute_device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0."
+        )
+    try:
+        torch.empty(0, device=resolved)
+    except (RuntimeError, AssertionError) as error:  # torch raises AssertionError for a backend it was built without
+        raise ValueError(f"compute_device {device!r} cannot be used here ({error}): choose an available device.") from None
+    _check_movable(model, resolved)
+    return resolved
+
+
+def _check_movable(model: nn.Module, device: torch.device) -> None:
+    """Blocks can be moved to `device` and back: the model is not placed by accelerate's hooks, and each block lives
+    on one device, with values (not on the meta device)."""
+    if is_dispatched(model):
+        raise ValueError(
+            f"compute_device '{device}' moves each decoder block itself, but this model is dispatched by accelerate "
+            f"(from_pretrained(device_map=...) over several devices or with offload, cpu_offload, disk_offload): its "
+            f"hooks already run each block on its execution device, onloading offloaded blocks one at a time. Drop "
+            f"compute_device (--compute-device), or load the model on one device (e.g. device_map='cpu') to use it."
+        )
+    prefix, blocks = find_decoder_blocks(model)
+    for i, block in enumerate(blocks):
+        homes = _home_devices(block)
+        if len(homes) > 1 or "meta" in {home.type for home in homes}:
+            raise ValueError(
+                f"compute_device '{device}' moves each decoder block there and back, but {prefix}.{i} has weights on "
+                f"{sorted(map(str, homes))}: a block must live on one device, with values. Place the model on one "
+                f"device first (model.to('cpu')), or drop compute_device."
+            )
+
+
+def _home_devices(module: nn.Module) -> set[torch.device]:
+    return {tensor.device for tensor in (*module.parameters(), *module.buffers())}
+
+
+@contextlib.contextmanager
+def compute_on(device: str | torch.device | None) -> Iterator[None]:
+    """`with compute_on("cuda"):` every layer-wise pass inside (a profile's measuring pass as well as the pruning
+    pass) moves each decoder block to `device` for its turn. None: blocks compute where their weights are."""
+    token = _COMPUTE_DEVICE.set(None if device is None else torch.device(device))
+    try:
+        yield
+    finally:
+        _COMPUTE_DEVICE.reset(token)
+
+
+def _compute_device(model: nn.Module, device: str | torch.device | None) -> torch.device | None:
+    """The pass's compute device (the argument, else `compute_on`'s), checked to be usable on `model`'s blocks."""
+    resolved = torch.device(device) if device is not None else _COMPUTE_DEVICE.get()
+    if resolved is not None:
+        _check_movable(model, resolved)
+    return resolved
+
+
+class OnDevice:
+    """`with OnDevice(block, device):` moves `block` (on one device, see `check_compute_device`) to `device` for the
+    body and back on exit; None leaves it where it is. `Module.to` moves parameters in place, so whatever holds them
+    (the layers' modules, tied references) follows the move and keeps the changes made meanwhile (pruned weights)."""
+
+    def __init__(self, module: nn.Module, device: torch.device | None):
+        self.module, self.device = module, device
+        self._home: torch.device | None = None
+
+    def __enter__(self) -> OnDevice:  # noqa: PYI034 (typing.Self needs Python 3.11)
+        homes = _home_devices(self.module) if self.device is not None else set()
+        if len(homes) == 1:
+            self._home = homes.pop()
+            try:
+                self.module.to(self.device)
+            except BaseException:
+                self.__exit__(None, None, None)
+                raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._home is not None:
+            self.module.to(self._home)
+            self._home = None
 
 
 # -- statistics ------------------------------------------------------------------------------------------------
@@ -385,28 +506,35 @@ def run_layerwise(
     visitor: LayerVisitor,
     targets: list[str] | None = None,
     show_progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> None:
     """Visit every decoder block of `model` in order (statistics from its inputs, then `visitor.visit_layer` for
     each layer), feeding each block the outputs of the visited (pruned) block before it.
 
     Each block runs on its execution device (accelerate's, for a dispatched model): its offloaded weights are
-    onloaded there for the block's turn only, and the calibration activations follow it. The compute device thus
-    holds one block's weights, the hidden states of all calibration sequences and one sequence's intermediates.
+    onloaded there for the block's turn only, and the calibration activations follow it. With a compute `device`
+    (default: `compute_on`'s; see `check_compute_device`) each block is moved there for its turn and back, and the
+    activations live there. The compute device thus holds one block's weights, the hidden states of all calibration
+    sequences and one sequence's intermediates.
     """
+    device = _compute_device(model, device)
     _, blocks = find_decoder_blocks(model)
     layers_of = _layers_by_block(model, targets)
     check_offload_writable({name: module for layers in layers_of for name, module in layers.items()})
     was_training = model.training
     model.eval()
     try:
+        # What runs before block 0 (embeddings, rotary tables, the attention mask) runs where it is; its outputs
+        # follow each block to its device below.
         hidden, args, kwargs = capture_block_inputs(model, blocks, input_ids)
         for block, layers in zip(tqdm(blocks, desc="Pruning blocks", disable=not show_progress), layers_of):
-            device = execution_device(block)
-            hidden, args, kwargs = send_to_device(hidden, device), send_to_device(args, device), send_to_device(kwargs, device)
-            with Onloaded(block) as onloaded:
-                _visit_block(block, layers, visitor, hidden, args, kwargs, onloaded)
-                # The pruned block's outputs become the next block's inputs, overwriting this block's in place.
-                _run_block(block, hidden, args, kwargs, out=hidden)
+            with OnDevice(block, device):
+                target = device if device is not None else execution_device(block)
+                hidden, args, kwargs = send_to_device(hidden, target), send_to_device(args, target), send_to_device(kwargs, target)
+                with Onloaded(block) as onloaded:
+                    _visit_block(block, layers, visitor, hidden, args, kwargs, onloaded)
+                    # The pruned block's outputs become the next block's inputs, overwriting this block's in place.
+                    _run_block(block, hidden, args, kwargs, out=hidden)
     finally:
         model.train(was_training)
 
@@ -506,13 +634,15 @@ def prune_layers(
     sparsities: Mapping[str, float],
     targets: list[str] | None = None,
     show_progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> LayerMasks:
     """Prune every targeted layer of `model` with `method` at its sparsity, block by block (inputs propagated through
-    the already-pruned blocks when the method needs activations), then call the method's end-of-pass hook."""
+    the already-pruned blocks when the method needs activations), then call the method's end-of-pass hook. With a
+    compute `device` (default: `compute_on`'s) each block is moved there for its turn and back."""
     recorder = _MaskRecorder(method, sparsities)
     if method.needs_activations:
-        run_layerwise(model, input_ids, recorder, targets, show_progress=show_progress)
+        run_layerwise(model, input_ids, recorder, targets, show_progress=show_progress, device=device)
     else:
-        visit_without_calibration(model, recorder, targets)
+        visit_without_calibration(model, recorder, targets, device=device)
     method.finish()
     return recorder.masks

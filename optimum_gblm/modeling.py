@@ -110,6 +110,7 @@ def load_model(
     gguf_file: str | None = None,
     dtype: torch.dtype | str = "auto",
     trust_remote_code: bool = False,
+    device_map: str | dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> tuple[nn.Module, Any]:
     """Load a causal LM and its tokenizer (the default real model when `name_or_path` is None).
@@ -117,7 +118,8 @@ def load_model(
     dtype "auto" keeps the checkpoint's own dtype (transformers' dtype="auto": a bfloat16 checkpoint stays
     bfloat16, halving memory against float32); a GGUF file has no float dtype of its own, so "auto" dequantizes it
     to float32. Pass a torch dtype (or its name, e.g. "bfloat16") to choose. GGUF checkpoints are returned as plain
-    dense models.
+    dense models. `device_map` goes to `from_pretrained` ("cpu", "auto", {"": "cuda:0"}, ...; with disk offload pass
+    `offload_folder=` too, where the pruned offloaded weights are written).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -138,7 +140,7 @@ def load_model(
         # Only safetensors (and JSON) are read: a pickled checkpoint could run code while loading.
         kwargs.setdefault("use_safetensors", True)
     model = AutoModelForCausalLM.from_pretrained(
-        name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, **extra, **kwargs
+        name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, device_map=device_map, **extra, **kwargs
     )
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **extra)
     strip_gguf_quantization(model)

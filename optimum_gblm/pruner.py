@@ -22,7 +22,9 @@ from .checkpoint import check_output_dir, save_pretrained_atomically
 from .config import GBLMConfig, PruningRuntime
 from .data import CalibrationSource, get_calibration_data, source_description
 from .engine import (
+    check_compute_device,
     check_offload_writable,
+    compute_on,
     find_decoder_blocks,
     is_offloaded,
     prunable_modules,
@@ -54,7 +56,8 @@ class GBLMPruner(OptimumQuantizer):
         **kwargs: Any,
     ):
         """`GBLMPruner(config)`, or `GBLMPruner(method="wanda", ...)` with the recipe's fields; how the run executes
-        (`cache_dir`, `use_cache`, `show_progress`, `gradient_checkpointing`) as a `PruningRuntime` or keywords."""
+        (`cache_dir`, `use_cache`, `show_progress`, `gradient_checkpointing`, `compute_device`) as a `PruningRuntime`
+        or keywords."""
         runtime_names = {f.name for f in dataclasses.fields(PruningRuntime)}
         runtime_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in runtime_names}
         if runtime is not None and runtime_kwargs:
@@ -146,6 +149,7 @@ class GBLMPruner(OptimumQuantizer):
         modules = prunable_modules(model, config.target_modules)
         check_not_sharded(modules)
         check_offload_writable(modules)
+        compute_device = check_compute_device(model, runtime.compute_device)
         check_pattern_fits(modules, config)
         check_finite_weights(modules)
         if needs_gradients and gradient_norms is None:
@@ -195,8 +199,9 @@ class GBLMPruner(OptimumQuantizer):
 
         tick = time.perf_counter()
         method = method_class(config, norms)
-        sparsities = profile.layer_sparsities(model, input_ids, method, modules, show_progress=runtime.show_progress)
-        masks = prune_layers(model, input_ids, method, sparsities, config.target_modules, runtime.show_progress)
+        with compute_on(compute_device):  # the profile's measuring pass, if any, moves blocks there too
+            sparsities = profile.layer_sparsities(model, input_ids, method, modules, show_progress=runtime.show_progress)
+            masks = prune_layers(model, input_ids, method, sparsities, config.target_modules, runtime.show_progress)
         prune_seconds = time.perf_counter() - tick
 
         report = sparsity_report(modules, {name: masks.mask(name) for name in masks.packed})

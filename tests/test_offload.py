@@ -189,3 +189,18 @@ def test_cpu_offloaded_weights_are_overwritten_in_place():
     store_offloaded(PrefixedDataset(loader, "model.layers.0.mlp.up_proj."), "weight", torch.zeros(2, 3))
     assert loader["model.layers.0.mlp.up_proj.weight"] is stored
     assert torch.equal(stored, torch.zeros(2, 3))
+
+
+def test_compute_device_on_a_dispatched_model_is_refused_before_pruning(checkpoint, calibration_ids, tmp_path):
+    # accelerate's hooks place (and onload) each block already: moving blocks as well would fight them.
+    model = load(checkpoint, device_map=EXPLICIT_MAP, offload_folder=tmp_path / "offload")
+    before = read_weight(model.model.layers[1].mlp.up_proj)
+    config = GBLMConfig(method="wanda", sparsity=0.5)
+    with pytest.raises(ValueError, match=r"dispatched by accelerate.*Drop compute_device \(--compute-device\)"):
+        GBLMPruner(config, show_progress=False, compute_device="cpu").prune(model, calibration_ids)
+    with pytest.raises(ValueError, match="dispatched by accelerate"):  # the engine's own passes refuse it too
+        sparsities = {name: 0.5 for name in prunable_modules(model)}
+        prune_layers(model, calibration_ids, get_method("wanda")(config), sparsities, show_progress=False, device="cpu")
+    assert getattr(model, "hf_quantizer", None) is None
+    assert torch.equal(read_weight(model.model.layers[1].mlp.up_proj), before)
+    assert model.model.layers[1].mlp.up_proj.weight.device.type == "meta"
