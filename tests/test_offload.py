@@ -14,7 +14,7 @@ from optimum_gblm import GBLMConfig, GBLMPruner, apply_masks
 from optimum_gblm.engine import is_offloaded, prunable_modules, prune_layers, store_offloaded
 from optimum_gblm.gradients import compute_gradient_norms
 from optimum_gblm.masks import unpack_mask
-from optimum_gblm.registry import get_method
+from optimum_gblm.registry import METHODS, get_method
 
 # Block 0 stays in memory, block 1 lives on disk (on this CPU-only machine "cpu" blocks are resident: accelerate only
 # offloads CPU weights when the execution device is an accelerator).
@@ -27,15 +27,8 @@ EXPLICIT_MAP = {
     "lm_head": "cpu",
 }
 ALL_ON_DISK = {**EXPLICIT_MAP, "model.layers.0": "disk"}
-CASES = [
-    ("wanda", "unstructured"),
-    ("wanda", "2:4"),
-    ("gblm", "unstructured"),
-    ("gblm", "2:4"),
-    ("sparsegpt", "unstructured"),
-    ("sparsegpt", "2:4"),
-    ("magnitude", "2:4"),
-]
+# Every registered method, so a new one is checked offloaded without new test code (magnitude: one pattern).
+CASES = [(m, p) for m in sorted(METHODS) for p in ("unstructured", "2:4") if (m, p) != ("magnitude", "unstructured")]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +73,8 @@ def read_weight(module):
 
 def prune(model, method, pattern, ids, norms):
     config = GBLMConfig(method=method, pattern=pattern, sparsity=0.5)
-    GBLMPruner(config, show_progress=False).prune(model, ids, gradient_norms=norms if method == "gblm" else None)
+    needs_norms = METHODS[method].gradients_needed(config)
+    GBLMPruner(config, show_progress=False).prune(model, ids, gradient_norms=norms if needs_norms else None)
     return model.hf_quantizer
 
 

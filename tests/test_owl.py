@@ -6,6 +6,7 @@ from optimum_gblm import GBLMConfig, GBLMPruner
 from optimum_gblm.engine import prunable_modules
 from optimum_gblm.methods.base import PruningMethod
 from optimum_gblm.methods.owl import OutlierMeter, block_of, owl_sparsities
+from optimum_gblm.registry import METHODS
 
 
 def test_owl_profile_averages_to_the_target_and_stays_within_lambda():
@@ -43,7 +44,9 @@ def test_outlier_meter_counts_scores_above_m_times_the_block_mean():
     assert block_of("transformer.h.11.attn.c_attn") == "transformer.h.11"
 
 
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "gblm", "sparsegpt"])
+# Every registered method but the two whose score is dominated by the gradient term: scaling the weights below (the
+# way this test makes outliers) changes the gradients too, so those scores see other outliers.
+@pytest.mark.parametrize("method", sorted(set(METHODS) - {"gradient", "gblm_inverse"}))
 def test_owl_prunes_each_block_at_its_own_sparsity(method):
     torch.manual_seed(0)
     model = tiny_model("llama")
