@@ -16,22 +16,53 @@ The gradient cache is always used here (TrainingArguments' `--use_cache` is the 
 
 import logging
 import time
+from dataclasses import dataclass, field
 
 import torch
-from arguments import DataArguments, ModelArguments, OverwriteArguments, load, parse, setup_logging
+from arguments import EvaluationArguments, ModelArguments, parse, setup_logging
 from transformers import Trainer, TrainingArguments
 
-from optimum_gblm import GBLMPruner, SparsityCallback, get_evaluation_tokens, perplexity, record_evaluation
+from optimum_gblm import SparsityCallback, record_evaluation
 from optimum_gblm.checkpoint import check_output_dir
-from optimum_gblm.data import default_calibration_path, load_text, tokenize
-from optimum_gblm.options import pruning_arguments_dataclass, runtime_arguments_dataclass
+from optimum_gblm.data import load_text, tokenize
+from optimum_gblm.jobs import (
+    OutputOptions,
+    evaluation_texts,
+    is_shipped_text,
+    load_with_options,
+    measure,
+    prune_model,
+    split_shipped_text,
+)
+from optimum_gblm.options import arguments_dataclass, pruning_arguments_dataclass, runtime_arguments_dataclass
 from optimum_gblm.sparse_state import GBLMHfQuantizer, check_weights_match_masks
 
 logger = logging.getLogger("run_sparse_finetune")
 
-# TrainingArguments owns --seed (used for the calibration windows too) and --gradient_checkpointing / --use_cache.
+# TrainingArguments owns --seed (used for the calibration windows too), --gradient_checkpointing / --use_cache,
+# --output_dir and --push_to_hub / --hub_model_id.
 PruningArguments = pruning_arguments_dataclass(exclude=("seed",))
 RuntimeArguments = runtime_arguments_dataclass(exclude=("gradient_checkpointing", "use_cache"))
+OverwriteArguments = arguments_dataclass(OutputOptions, exclude=("output", "push_to_hub"), name="OverwriteArguments")
+
+
+@dataclass
+class TrainingDataArguments:
+    train_file: str | None = field(
+        default=None,
+        metadata={"help": "fine-tuning text file/folder (default: the calibration text; the shipped one without its "
+                          "held-out end)"},
+    )
+    block_size: int = field(default=512, metadata={"help": "fine-tuning sequence length"})
+    max_train_samples: int | None = field(default=None, metadata={"help": "use at most this many training blocks"})
+
+
+def training_tokens(train_file, calibration, tokenizer) -> torch.Tensor:
+    """The fine-tuning text's tokens: `--train_file`, else the calibration text (the shipped one without the end that
+    is held out for evaluation)."""
+    if train_file is None and is_shipped_text(calibration):
+        return split_shipped_text(tokenizer)[0]
+    return tokenize(load_text(train_file or calibration), tokenizer)
 
 
 class Blocks(torch.utils.data.Dataset):
@@ -51,31 +82,26 @@ class Blocks(torch.utils.data.Dataset):
 
 
 def main() -> None:
-    model_args, data_args, pruning_args, runtime_args, overwrite, training_args = parse(
-        ModelArguments, DataArguments, PruningArguments, RuntimeArguments, OverwriteArguments, TrainingArguments
+    model_args, data_args, eval_args, pruning_args, runtime_args, overwrite, training_args = parse(
+        ModelArguments, TrainingDataArguments, EvaluationArguments, PruningArguments, RuntimeArguments,
+        OverwriteArguments, TrainingArguments,
     )
     setup_logging()
-    check_output_dir(training_args.output_dir, overwrite.overwrite_output_dir, fix="pass --overwrite_output_dir")
+    output = overwrite.to_options(output=training_args.output_dir)
+    check_output_dir(output.output, output.overwrite, fix="pass --overwrite_output_dir")
     config = pruning_args.to_config(seed=training_args.seed)
-    model, tokenizer = load(model_args)
-    calibration = config.dataset or str(default_calibration_path())
+    model, tokenizer = load_with_options(model_args.to_options())
     if not isinstance(getattr(model, "hf_quantizer", None), GBLMHfQuantizer):
         logger.info("model is dense: pruning it first (%s, %s)", config.method, config.pattern)
         runtime = runtime_args.to_runtime(gradient_checkpointing=training_args.gradient_checkpointing)
-        pruner = GBLMPruner(
-            config,
-            cache_dir=runtime.cache_dir,
-            use_cache=runtime.use_cache,
-            show_progress=runtime.show_progress,
-            gradient_checkpointing=runtime.gradient_checkpointing,
-        )
-        pruner.prune(model, calibration, tokenizer=tokenizer)
+        prune_model(model, tokenizer, config, runtime)
 
-    texts = {name: get_evaluation_tokens(name, tokenizer) for name in data_args.eval_data}
-    before = {n: perplexity(model, t, data_args.eval_seqlen, data_args.eval_max_tokens) for n, t in texts.items()}
+    evaluation = eval_args.to_options()
+    texts = evaluation_texts(evaluation, tokenizer)
+    before = measure(model, texts, evaluation)
 
     train = Blocks(
-        tokenize(load_text(data_args.train_file or calibration), tokenizer), data_args.block_size, data_args.max_train_samples
+        training_tokens(data_args.train_file, config.dataset, tokenizer), data_args.block_size, data_args.max_train_samples
     )
     push, training_args.push_to_hub = training_args.push_to_hub, False  # Trainer's push would replace our card
     trainer = Trainer(model=model, args=training_args, train_dataset=train, callbacks=[SparsityCallback()])
@@ -86,8 +112,7 @@ def main() -> None:
     # Every weight its mask prunes must still be exactly zero (kept weights may move, even through zero).
     check_weights_match_masks(model, model.hf_quantizer)
     exact = True
-    for name, tokens in texts.items():
-        after = perplexity(model, tokens, data_args.eval_seqlen, data_args.eval_max_tokens)
+    for name, after in measure(model, texts, evaluation).items():
         record_evaluation(model, f"{name} (after fine-tuning)", after)
         logger.info("%s: pruned %s -> fine-tuned %s", name, before[name], after)
     logger.info(

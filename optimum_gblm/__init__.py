@@ -6,6 +6,7 @@ __version__ = "0.1.0"
 # its push_to_hub, and quant_method "gblm" in transformers' from_pretrained.
 from . import (  # noqa: E402,F401
     checkpoint,
+    compressed,  # compressed storage: what save_pretrained writes for GBLMConfig(storage="compressed")
     hub,
     methods,  # noqa: E402,F401  (registers every pruning method and sparsity profile)
     quantizer,
@@ -15,6 +16,7 @@ from .data import get_calibration_data, get_evaluation_tokens  # noqa: E402
 from .evaluation import PerplexityResult, perplexity, record_evaluation  # noqa: E402
 from .modeling import load_model  # noqa: E402
 from .pruner import GBLMPruner, prune  # noqa: E402
+from .semi_structured import to_semi_structured  # noqa: E402
 from .sparse_state import GBLMHfQuantizer, apply_masks, sparsity_report  # noqa: E402
 from .training import SparsityCallback  # noqa: E402
 
@@ -31,6 +33,7 @@ __all__ = [
     "sparsity_report",
     "apply_masks",
     "SparsityCallback",
+    "to_semi_structured",
     "GBLMHfQuantizer",
     "__version__",
 ]

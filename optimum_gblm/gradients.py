@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .files import write_atomically
+from .files import OwnerLock, write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -392,11 +392,7 @@ def check_gradient_norms(norms: dict[str, torch.Tensor], modules: dict[str, nn.M
 
 
 def cached_gradient_norms(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    modules: dict[str, nn.Module],
-    norm: str = "l1",
-    scale: float = 1.0,
+    model: nn.Module, input_ids: torch.Tensor, modules: dict[str, nn.Module], norm: str = "l1", scale: float = 1.0,
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
     gradient_checkpointing: bool = False,
@@ -407,6 +403,13 @@ def cached_gradient_norms(
 
     While it runs, progress is saved to `<key>.partial.safetensors` at most every `progress_seconds`; an interrupted
     run with the same key resumes after the last saved sequence. A partial file is never taken for a result.
+
+    Other processes may use the same cache at the same time. A single process computes a key while holding
+    `<key>.lock` (another one asking for the same key waits, then reuses the result); every file is read through one
+    open, so its metadata and tensors always belong together; and an entry is trusted only when its metadata says
+    what it is (complete or partial) for this very key and its norms pass `check_gradient_norms` (float, this
+    model's shapes, finite, not negative). Anything else is recomputed. A cache that cannot be written (a full disk)
+    costs a warning, never the result.
     """
     compute = lambda **extra: compute_gradient_norms(  # noqa: E731
         model, input_ids, modules, norm, scale, gradient_checkpointing, show_progress, **extra
@@ -419,63 +422,124 @@ def cached_gradient_norms(
     # compute_gradient_norms returns the full norms of a sharded (FSDP) model on CPU; a cache hit does the same.
     sharded = any(is_dtensor(m.weight) for m in modules.values())
     device = torch.device("cpu") if sharded else next(model.parameters()).device
-    norms = None
-    if path.is_file():
-        try:
-            if cache_metadata(path).get("state", "complete") != "complete":
-                raise ValueError("not a complete result")
-            norms = load_gradient_norms(path, modules)
-        except Exception as error:  # a damaged cache entry is recomputed, never trusted
-            logger.warning("ignoring unreadable gradient cache %s (%s); recomputing", path, error)
-            norms = None
+    norms = _cached_result(path, key, modules)
     # Under a process group the ranks reuse the cache together or compute together (a rank that computed alone
     # would wait forever in the collectives).
     if all_ranks(norms is not None):
         logger.info("gradient norms: reusing cache %s", path)
         return {k: v.to(device) for k, v in norms.items() if k in modules}
-    metadata: dict[str, Any] = {
-        "format": CACHE_FORMAT_VERSION,
-        "key": key,
-        "model": str(getattr(getattr(model, "config", None), "_name_or_path", "")),
-        "num_samples": str(input_ids.shape[0]),
-        "seqlen": str(input_ids.shape[1]),
-        "norm": norm,
-        "scale": repr(float(scale)),
-    }
-    resume_from = None
-    if partial.is_file() and distributed_rank_and_size()[1] == 1:
-        try:
-            info = cache_metadata(partial)
-            if info.get("key") != key or info.get("state") != "partial":
-                raise ValueError("written for other settings")
-            completed = int(info["completed"])
-            resume_from = (completed, {k: v.to(device) for k, v in load_gradient_norms(partial, modules).items()})
-            logger.info("gradient norms: resuming after %d of %d sequences from %s", completed, input_ids.shape[0], partial)
-        except Exception as error:
-            logger.warning("ignoring unusable partial gradient state %s (%s); starting over", partial, error)
-            resume_from = None
-
-    def save_progress(completed: int, sums: dict[str, torch.Tensor]) -> None:
-        try:
-            save_gradient_norms(sums, partial, {**metadata, "state": "partial", "completed": str(completed)})
-        except OSError as error:  # progress is a convenience: a full disk must not stop the run
-            logger.warning("could not save gradient progress to %s: %s", partial, error)
-
     rank, world = distributed_rank_and_size()
-    if world > 1:  # progress files are per process; a sharded run is not resumable
-        norms = compute()
-    else:
-        norms = compute(resume_from=resume_from, save_progress=save_progress, progress_seconds=progress_seconds)
-    if rank != 0:
-        return norms
+    # One process at a time per key. Not under a process group: a rank waiting for a lock another rank holds would
+    # never reach the collectives that rank waits in (and only rank 0 writes there).
+    lock = _lock_cache_key(folder, key) if world == 1 else None
     try:
-        save_gradient_norms(norms, path, {**metadata, "state": "complete"})
-        logger.info("gradient norms cached at %s", path)
-    except OSError as error:  # a full disk must not cost the run its result
-        logger.warning("could not write gradient cache %s: %s", path, describe_os_error(error))
-    if partial.exists():
-        partial.unlink()
-    return norms
+        if lock is not None:
+            norms = _cached_result(path, key, modules)  # the process we waited for may have computed it
+            if norms is not None:
+                logger.info("gradient norms: reusing cache %s, written by another process meanwhile", path)
+                return {k: v.to(device) for k, v in norms.items() if k in modules}
+        metadata: dict[str, Any] = {
+            "format": CACHE_FORMAT_VERSION,
+            "key": key,
+            "model": str(getattr(getattr(model, "config", None), "_name_or_path", "")),
+            "num_samples": str(input_ids.shape[0]),
+            "seqlen": str(input_ids.shape[1]),
+            "norm": norm,
+            "scale": repr(float(scale)),
+        }
+
+        def save_progress(completed: int, sums: dict[str, torch.Tensor]) -> None:
+            try:
+                save_gradient_norms(sums, partial, {**metadata, "state": "partial", "completed": str(completed)})
+            except OSError as error:  # progress is a convenience: a full disk must not stop the run
+                logger.warning("could not save gradient progress to %s: %s", partial, describe_os_error(error))
+
+        if world > 1:  # progress files are per process; a sharded run is not resumable
+            norms = compute()
+        else:
+            resume_from = _partial_progress(partial, key, modules, input_ids.shape[0], device)
+            norms = compute(resume_from=resume_from, save_progress=save_progress, progress_seconds=progress_seconds)
+        if rank != 0:
+            return norms
+        try:
+            save_gradient_norms(norms, path, {**metadata, "state": "complete"})
+            logger.info("gradient norms cached at %s", path)
+        except OSError as error:  # a full disk must not cost the run its result
+            logger.warning("could not write gradient cache %s: %s; going on without it", path, describe_os_error(error))
+        try:
+            partial.unlink(missing_ok=True)  # another process may have removed it already
+        except OSError as error:
+            logger.warning("could not remove the partial gradient state %s: %s", partial, describe_os_error(error))
+        return norms
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_cache_key(folder: Path, key: str) -> OwnerLock | None:
+    """Hold `<key>.lock` in the cache folder, waiting for a process that computes the same key; None (computing
+    without the lock) when the folder cannot hold the lock file (read-only, full)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = OwnerLock(folder / f"{key}.lock")
+        if not lock.acquire(blocking=False):
+            logger.info("gradient norms: another process is computing the same norms (%s holds the lock): waiting "
+                        "for it, then reusing its result", lock.path)
+            lock.acquire()
+        return lock
+    except OSError as error:
+        logger.warning("could not lock the gradient cache entry %s in %s: %s; going on without the lock", key, folder,
+                       describe_os_error(error))
+        return None
+
+
+def read_cache_entry(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Metadata and tensors of a cache file, read through one open: another process may replace the file at any
+    moment, and an open file stays the file it was (so metadata and tensors always belong together)."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    return metadata, tensors
+
+
+def _cached_result(path: Path, key: str, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor] | None:
+    """The complete result cached at `path` for `key`, or None when there is none to trust."""
+    if not path.is_file():
+        return None
+    try:
+        metadata, norms = read_cache_entry(path)
+        if metadata.get("state") != "complete" or metadata.get("key") != key:
+            raise ValueError(f"its metadata says {metadata.get('state')!r} for key {metadata.get('key')!r}")
+        check_gradient_norms(norms, modules, source=str(path))
+        return norms
+    except FileNotFoundError:  # removed by another process since the check
+        return None
+    except Exception as error:  # a damaged or foreign cache entry is recomputed, never trusted
+        logger.warning("ignoring gradient cache %s (%s); recomputing", path, error)
+        return None
+
+
+def _partial_progress(
+    partial: Path, key: str, modules: dict[str, nn.Module], total: int, device: torch.device
+) -> tuple[int, dict[str, torch.Tensor]] | None:
+    """(completed sequences, raw sums) saved by an interrupted run with this key, or None to start over."""
+    if not partial.is_file():
+        return None
+    try:
+        info, sums = read_cache_entry(partial)
+        if info.get("key") != key or info.get("state") != "partial":
+            raise ValueError("written for other settings")
+        completed = int(info["completed"])
+        if not 0 < completed < total:
+            raise ValueError(f"it says {completed} of {total} sequences were done")
+        check_gradient_norms(sums, modules, source=str(partial))
+    except FileNotFoundError:
+        return None
+    except Exception as error:
+        logger.warning("ignoring unusable partial gradient state %s (%s); starting over", partial, error)
+        return None
+    logger.info("gradient norms: resuming after %d of %d sequences from %s", completed, total, partial)
+    return completed, {k: v.to(device) for k, v in sums.items() if k in modules}
 
 
 def describe_os_error(error: OSError) -> str:

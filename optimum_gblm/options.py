@@ -2,10 +2,13 @@
 registered method's / profile's `Options` dataclass), and this module turns those fields into
 
 - argparse flags for `optimum-gblm prune` (`add_config_arguments`, `add_runtime_arguments`),
-- the example scripts' HfArgumentParser dataclasses (`pruning_arguments_dataclass`, `runtime_arguments_dataclass`),
+- the example scripts' HfArgumentParser dataclasses (`pruning_arguments_dataclass`, `runtime_arguments_dataclass`,
+  and `arguments_dataclass` for any options dataclass such as the prune job's model, evaluation and output options),
 - the flags that reproduce a recipe (`command_line_arguments`, used by the model card's reproduce line),
 
-so that a new recipe field or method option shows up everywhere without a hand-written flag.
+so that a new recipe field or method option shows up everywhere without a hand-written flag. The same machinery
+serves any dataclass whose fields are declared with `config.option` (`option_flags`, `add_option_arguments`,
+`options_from_arguments`, `arguments_dataclass`): `optimum_gblm.jobs` declares the prune job's own settings that way.
 
 Naming: a recipe field `num_samples` is `--num-samples` (examples: `--num_samples`, which HfArgumentParser also
 accepts as `--num-samples`); a method or profile option `damping` of `sparsegpt` is `--sparsegpt-damping`. A method
@@ -51,10 +54,18 @@ class Flag:
     owner: tuple[str, str] | None = None  # ("method" | "profile", registered name) for a method / profile option
     negative_flag: str | None = None  # bool defaulting to True: the flag that turns it off
     parse: Callable[[str], Any] | None = None  # config-level parser (e.g. alpha's "auto"), applied to text values
+    hf_dest: str | None = None  # the example scripts' name when transformers spells it otherwise (model_name_or_path)
+    required: bool = False  # a field without a default
+    metavar: str | None = None  # the value's name in --help (REPO_ID)
 
     @property
     def primary(self) -> str:
         return self.flags[0]
+
+    @property
+    def example_dest(self) -> str:
+        """The field name in the example scripts' HfArgumentParser dataclass (and in their JSON files)."""
+        return self.hf_dest or self.dest
 
 
 # -- reading the fields ----------------------------------------------------------------------------------------
@@ -149,10 +160,11 @@ def _flag_for(
             element = str  # HfArgumentParser allows one type: text, parsed by to_config
         annotation = element | None if (optional or owner is not None or option_default is None) else element
     convert = _argument_type(parse, f.name) if parse is not None else element
+    required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
     if owner is not None:
         flag_of_owner = OWNER_FLAGS[owner[0]]
         text = f"{text} (default: {_show(option_default)}; only with {flag_of_owner} {owner[1]})"
-    elif kind != "bool" and "default" not in text.lower():
+    elif kind != "bool" and not required and "default" not in text.lower():
         text = f"{text} (default: {_show(option_default)})"
     aliases = meta.get("aliases") or ()
     if isinstance(aliases, str):
@@ -171,17 +183,27 @@ def _flag_for(
         owner=owner,
         negative_flag=negative,
         parse=parse,
+        hf_dest=meta.get("hf_name"),
+        required=required,
+        metavar=meta.get("metavar"),
     )
 
 
-def recipe_flags() -> list[Flag]:
-    """One flag per `GBLMConfig` field meant for the command line (metadata `cli` not False)."""
-    hints = _type_hints(GBLMConfig)
+def option_flags(option_class: type) -> list[Flag]:
+    """One flag per field of an options dataclass meant for the command line (metadata `cli` not False): a field
+    `eval_seqlen` is `--eval-seqlen`. Fields are declared with `config.option(default, help, ...)`; metadata
+    `hf_name` names the field in the example scripts where transformers spells it otherwise (`model_name_or_path`)."""
+    hints = _type_hints(option_class)
     return [
         _flag_for(f, hints.get(f.name, f.type), f.name, "--" + f.name.replace("_", "-"), _field_default(f), None)
-        for f in dataclasses.fields(GBLMConfig)
+        for f in dataclasses.fields(option_class)
         if f.init and f.metadata.get("cli", True) is not False
     ]
+
+
+def recipe_flags() -> list[Flag]:
+    """One flag per `GBLMConfig` field meant for the command line."""
+    return option_flags(GBLMConfig)
 
 
 def owner_flags() -> list[Flag]:
@@ -204,12 +226,7 @@ def owner_flags() -> list[Flag]:
 
 def runtime_flags() -> list[Flag]:
     """One flag per `PruningRuntime` field meant for the command line (cache folder, gradient checkpointing...)."""
-    hints = _type_hints(PruningRuntime)
-    return [
-        _flag_for(f, hints.get(f.name, f.type), f.name, "--" + f.name.replace("_", "-"), _field_default(f), None)
-        for f in dataclasses.fields(PruningRuntime)
-        if f.metadata.get("cli", True) is not False
-    ]
+    return option_flags(PruningRuntime)
 
 
 def _checked(flags: list[Flag]) -> list[Flag]:
@@ -240,7 +257,7 @@ def all_flags() -> list[Flag]:
 
 
 # -- argparse ----------------------------------------------------------------------------------------------------
-def _add(group: Any, flag: Flag) -> None:
+def _add(group: Any, flag: Flag, required: bool = False) -> None:
     if flag.kind == "bool":
         if flag.owner is not None:  # unset (None) = the option's default, so both directions are spelt out
             action, names, default, text = argparse.BooleanOptionalAction, flag.flags, None, flag.help
@@ -251,6 +268,10 @@ def _add(group: Any, flag: Flag) -> None:
         group.add_argument(*names, dest=flag.dest, action=action, default=default, help=text)
         return
     kwargs: dict[str, Any] = {"dest": flag.dest, "type": flag.convert, "default": flag.default, "help": flag.help}
+    if flag.required or required:
+        kwargs["required"] = True
+    if flag.metavar:
+        kwargs["metavar"] = flag.metavar
     if flag.choices is not None:
         kwargs["choices"] = flag.choices
     if flag.kind == "list":
@@ -284,11 +305,27 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         _add(groups[flag.owner], flag)
 
 
+def add_option_arguments(
+    parser: argparse.ArgumentParser,
+    option_class: type,
+    title: str,
+    description: str | None = None,
+    required: Iterable[str] = (),
+) -> None:
+    """Add a flag per field of an options dataclass, as one group of --help; `required` names fields a command
+    cannot do without although they have a default (`optimum-gblm eval --model`)."""
+    group = parser.add_argument_group(title, description.replace("%", "%%") if description else None)
+    flags = option_flags(option_class)
+    unknown = set(required) - {flag.dest for flag in flags}
+    if unknown:
+        raise ValueError(f"cannot require {sorted(unknown)}: {option_class.__name__} has no such option.")
+    for flag in flags:
+        _add(group, flag, required=flag.dest in set(required))
+
+
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the flags of `PruningRuntime`: how the run executes, not what it produces."""
-    group = parser.add_argument_group("runtime (does not change the result)")
-    for flag in runtime_flags():
-        _add(group, flag)
+    add_option_arguments(parser, PruningRuntime, "runtime (does not change the result)")
 
 
 # -- namespace -> config -------------------------------------------------------------------------------------------
@@ -301,6 +338,29 @@ def _value(flag: Flag, value: Any) -> Any:
     return flag.parse(value) if isinstance(value, str) else value
 
 
+_ABSENT = object()
+
+
+def _given(flag: Flag, namespace: Any) -> Any:
+    """The flag's value in an argparse namespace (CLI name) or a generated dataclass (example name), else _ABSENT."""
+    for name in (flag.dest, flag.example_dest):
+        if hasattr(namespace, name):
+            return getattr(namespace, name)
+    return _ABSENT
+
+
+def _values(flags: Iterable[Flag], namespace: Any) -> dict[str, Any]:
+    """{field: value} of the flags the namespace holds, text parsed by the field's parser."""
+    found = ((flag, _given(flag, namespace)) for flag in flags)
+    return {flag.option: _value(flag, value) for flag, value in found if value is not _ABSENT}
+
+
+def options_from_arguments(option_class: type, namespace: Any, **overrides: Any) -> Any:
+    """Build an options dataclass (`PruningRuntime`, the job's model / evaluation / output options) from parsed flags
+    (an argparse namespace or a generated dataclass instance); missing attributes keep their defaults."""
+    return option_class(**{**_values(option_flags(option_class), namespace), **overrides})
+
+
 def config_from_arguments(namespace: Any, **overrides: Any) -> GBLMConfig:
     """Build the recipe from parsed flags (an argparse namespace or a generated dataclass instance).
 
@@ -309,11 +369,7 @@ def config_from_arguments(namespace: Any, **overrides: Any) -> GBLMConfig:
     other than the chosen one are refused by name: silently ignoring `--sparsegpt-damping` with `--method wanda`
     would hide a mistake.
     """
-    values: dict[str, Any] = {}
-    for flag in recipe_flags():
-        if hasattr(namespace, flag.dest):
-            values[flag.option] = _value(flag, getattr(namespace, flag.dest))
-    values.update(overrides)
+    values = {**_values(recipe_flags(), namespace), **overrides}
     chosen = {
         "method": values.get("method", GBLMConfig.__dataclass_fields__["method"].default),
         "profile": values.get("sparsity_profile", GBLMConfig.__dataclass_fields__["sparsity_profile"].default),
@@ -342,9 +398,7 @@ def config_from_arguments(namespace: Any, **overrides: Any) -> GBLMConfig:
 
 def runtime_from_arguments(namespace: Any, **overrides: Any) -> PruningRuntime:
     """Build the runtime settings from parsed flags; missing attributes keep their defaults."""
-    values = {flag.option: getattr(namespace, flag.dest) for flag in runtime_flags() if hasattr(namespace, flag.dest)}
-    values.update(overrides)
-    return PruningRuntime(**values)
+    return options_from_arguments(PruningRuntime, namespace, **overrides)
 
 
 # -- config -> flags -----------------------------------------------------------------------------------------------
@@ -399,27 +453,42 @@ def command_line_arguments(config: GBLMConfig, always: Iterable[str] = (), **rep
 
 # -- HfArgumentParser dataclasses ------------------------------------------------------------------------------------
 def _dataclass_field(flag: Flag) -> tuple[str, Any, dataclasses.Field]:
-    # HfArgumentParser passes the metadata to argparse's add_argument: only keys argparse knows.
+    # HfArgumentParser passes the metadata to argparse's add_argument: only keys argparse knows. It spells a field
+    # `--name` and `--name-with-dashes` itself; the CLI's other spellings become aliases.
+    name = flag.example_dest
     metadata: dict[str, Any] = {"help": flag.help}
     if flag.choices is not None:
         metadata["choices"] = list(flag.choices)
-    if len(flag.flags) > 1:
-        metadata["aliases"] = list(flag.flags[1:])
+    if flag.metavar:
+        metadata["metavar"] = flag.metavar
+    automatic = {f"--{name}", "--" + name.replace("_", "-")}
+    aliases = [spelling for spelling in flag.flags if spelling not in automatic]
+    if aliases:
+        metadata["aliases"] = aliases
+    if flag.required:
+        return name, flag.annotation, dataclasses.field(metadata=metadata)
     default = flag.default
     if isinstance(default, (list, dict)):
         field = dataclasses.field(default_factory=lambda d=default: list(d), metadata=metadata)  # type: ignore[misc]
-        return flag.dest, flag.annotation, field
-    return flag.dest, flag.annotation, dataclasses.field(default=default, metadata=metadata)
+        return name, flag.annotation, field
+    return name, flag.annotation, dataclasses.field(default=default, metadata=metadata)
 
 
 def _excluded(flags: list[Flag], exclude: Iterable[str]) -> list[Flag]:
+    """The flags without those named in `exclude` (by CLI or example name)."""
     exclude = set(exclude)
-    unknown = exclude - {f.dest for f in flags}
+    names = {f.dest for f in flags} | {f.example_dest for f in flags}
+    unknown = exclude - names
     if unknown:
-        raise ValueError(
-            f"cannot exclude {sorted(unknown)}: not among the generated arguments {sorted(f.dest for f in flags)}."
-        )
-    return [f for f in flags if f.dest not in exclude]
+        raise ValueError(f"cannot exclude {sorted(unknown)}: not among the generated arguments {sorted(names)}.")
+    return [f for f in flags if not {f.dest, f.example_dest} & exclude]
+
+
+def _arguments_dataclass(name: str, flags: list[Flag], exclude: Sequence[str], doc: str, build: dict[str, Any]) -> type:
+    """A dataclass of the flags (keyword-only, so a required field may follow one with a default), with the
+    builder method(s) in `build`."""
+    fields = [_dataclass_field(f) for f in _excluded(flags, exclude)]
+    return dataclasses.make_dataclass(name, fields, namespace={**build, "__doc__": doc}, kw_only=True)
 
 
 def pruning_arguments_dataclass(exclude: Sequence[str] = (), name: str = "PruningArguments") -> type:
@@ -429,27 +498,30 @@ def pruning_arguments_dataclass(exclude: Sequence[str] = (), name: str = "Prunin
     `exclude` drops arguments another dataclass of the same parser already defines (TrainingArguments' `seed`);
     pass their values to `to_config` instead.
     """
-    flags = _excluded(_checked(recipe_flags() + owner_flags()), exclude)
 
     def to_config(self: Any, **overrides: Any) -> GBLMConfig:
         return config_from_arguments(self, **overrides)
 
-    return dataclasses.make_dataclass(
-        name,
-        [_dataclass_field(f) for f in flags],
-        namespace={"to_config": to_config, "__doc__": "The pruning recipe, generated from GBLMConfig (see options)."},
-    )
+    doc = "The pruning recipe, generated from GBLMConfig (see optimum_gblm.options)."
+    return _arguments_dataclass(name, _checked(recipe_flags() + owner_flags()), exclude, doc, {"to_config": to_config})
+
+
+def arguments_dataclass(option_class: type, exclude: Sequence[str] = (), name: str | None = None) -> type:
+    """A dataclass for HfArgumentParser with an options dataclass's fields (the job's model, evaluation and output
+    options, `PruningRuntime`), named as transformers' example scripts name them where a field says so
+    (`hf_name`: `--model_name_or_path`, with the CLI's `--model` as an alias); `to_options(**overrides)` builds
+    the options object."""
+
+    def to_options(self: Any, **overrides: Any) -> Any:
+        return options_from_arguments(option_class, self, **overrides)
+
+    name = name or option_class.__name__.replace("Options", "") + "Arguments"
+    doc = f"Generated from {option_class.__name__} (see optimum_gblm.options). {option_class.__doc__ or ''}".strip()
+    return _arguments_dataclass(name, option_flags(option_class), exclude, doc, {"to_options": to_options})
 
 
 def runtime_arguments_dataclass(exclude: Sequence[str] = (), name: str = "RuntimeArguments") -> type:
-    """A dataclass for HfArgumentParser with `PruningRuntime`'s settings; `to_runtime(**overrides)` builds one."""
-    flags = _excluded(runtime_flags(), exclude)
-
-    def to_runtime(self: Any, **overrides: Any) -> PruningRuntime:
-        return runtime_from_arguments(self, **overrides)
-
-    return dataclasses.make_dataclass(
-        name,
-        [_dataclass_field(f) for f in flags],
-        namespace={"to_runtime": to_runtime, "__doc__": "How the pruning runs (cache, gradient checkpointing)."},
-    )
+    """`arguments_dataclass(PruningRuntime)`, whose builder is also called `to_runtime(**overrides)`."""
+    generated = arguments_dataclass(PruningRuntime, exclude, name)
+    generated.to_runtime = generated.to_options
+    return generated

@@ -109,7 +109,13 @@ class PruningRecord:
         return cls(**values)
 
     def record_evaluation(self, entry: dict[str, Any]) -> None:
-        """Add a perplexity measurement, replacing an earlier one of the same text and seqlen."""
-        kept = [e for e in self.evaluation if (e["data"], e["seqlen"]) != (entry["data"], entry["seqlen"])]
+        """Add a perplexity measurement, replacing an earlier one of the same text and seqlen; a re-measurement
+        without a dense number keeps the earlier dense number of the same protocol (the dense model is gone)."""
+        protocol = (entry["data"], entry["seqlen"])
+        for earlier in self.evaluation:
+            same = (earlier["data"], earlier["seqlen"], earlier["num_tokens"]) == (*protocol, entry["num_tokens"])
+            if same and entry.get("dense_perplexity") is None and earlier.get("dense_perplexity") is not None:
+                entry = {**entry, "dense_perplexity": earlier["dense_perplexity"]}
+        kept = [e for e in self.evaluation if (e["data"], e["seqlen"]) != protocol]
         self.evaluation = kept + [entry]
         self.validate()

@@ -23,6 +23,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from .config import GBLMConfig
 from .engine import Onloaded
+from .gradients import is_dtensor
 from .masks import unpack_mask
 from .record import PruningRecord
 
@@ -33,8 +34,17 @@ PushHandler = Callable[..., Any]
 
 # Called in order, after transformers wrote weights and config, by a pruned model's `save_pretrained`.
 SAVE_HOOKS: list[SaveHook] = []
-# Called by a pruned model's `push_to_hub(repo_id, **kwargs)` as PUSH_HANDLER(model, repo_id, **kwargs).
+# Called by a pruned model's `push_to_hub(repo_id, ...)` as PUSH_HANDLER(model, repo_id, **options) (transformers'
+# options, bound by name, plus tokenizer / replace_model_card / endpoint / safe_serialization), and by its
+# `save_pretrained(folder, push_to_hub=True, ...)` once everything is written there, as PUSH_HANDLER(model, repo_id,
+# folder=folder, changed_since={name: (mtime_ns, size, inode)} of the folder's files before the save, **options).
 PUSH_HANDLER: PushHandler | None = None
+
+# What a pruned model's save_pretrained writes as its weights (transformers' get_state_dict_and_metadata contract):
+# STATE_DICT_HOOK(model, quantizer) -> (state dict or None for the model's own, safetensors metadata). Set by
+# `optimum_gblm.compressed` (the storage choice lives there).
+StateDictHook = Callable[[nn.Module, "GBLMHfQuantizer"], "tuple[dict[str, torch.Tensor] | None, dict[str, str]]"]
+STATE_DICT_HOOK: StateDictHook | None = None
 
 # Module attribute holding a model's gradient-masking hook handles (gradients.py checks it too).
 GRADIENT_HOOKS_ATTRIBUTE = "_gblm_gradient_hooks"
@@ -52,6 +62,13 @@ def register_save_hook(hook: SaveHook) -> SaveHook:
             SAVE_HOOKS[index] = hook
             return hook
     SAVE_HOOKS.append(hook)
+    return hook
+
+
+def set_state_dict_hook(hook: StateDictHook) -> StateDictHook:
+    """Make `hook(model, quantizer)` decide what a pruned model's save_pretrained writes as its weights."""
+    global STATE_DICT_HOOK
+    STATE_DICT_HOOK = hook
     return hook
 
 
@@ -91,6 +108,9 @@ class GBLMHfQuantizer(HfQuantizer):
     def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
         return False  # weights load as they are; masks are read after loading
 
+    def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor] | None, dict[str, str]]:
+        return STATE_DICT_HOOK(model, self) if STATE_DICT_HOOK is not None else (None, {})
+
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
         return True
 
@@ -104,7 +124,13 @@ class GBLMHfQuantizer(HfQuantizer):
         return True
 
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-        return model  # the weights already are dense
+        """`model.dequantize()`: the weights already are dense, so what goes is the pruning state (gradient masking,
+        the mask-writing save/push overrides); transformers then removes this quantizer and quantization_config.
+        The model is a plain dense model afterwards, and saves as one."""
+        _remove_gradient_hooks(model)
+        for attribute in ("save_pretrained", "push_to_hub"):
+            model.__dict__.pop(attribute, None)
+        return model
 
     def mask(self, name: str, device: torch.device | None = None) -> torch.Tensor:
         """Layer `name`'s keep-mask (True = kept), unpacked, in the weight's layout."""
@@ -209,45 +235,192 @@ def _zero_masked_gradient(quantizer: GBLMHfQuantizer, name: str) -> Callable[[to
     return hook
 
 
+class _GradientMasking:
+    """The hooks that zero a model's masked gradients, one per masked weight; held at GRADIENT_HOOKS_ATTRIBUTE.
+
+    torch keeps such hooks on the parameter, and a copy of a parameter (`copy.deepcopy`, pickling) does not take
+    them along. So a copy of this record is an empty one (`__reduce__`), and the model's forward pre-hook
+    `_ensure_gradient_masking`, which copies keep, hooks the copy's own parameters to the copy's own masks before
+    its first forward with gradients. It also hooks a weight whose parameter was replaced, or that was frozen and
+    now requires grad. The record is true while masks are attached (gradients.py refuses such a model).
+    """
+
+    def __init__(self) -> None:
+        # name -> (module, its hooked weight or None when frozen, quantizer, handle or None)
+        self.entries: dict[str, tuple[nn.Module, Any, GBLMHfQuantizer, Any]] = {}
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __reduce__(self) -> tuple[type, tuple]:
+        return (_GradientMasking, ())
+
+    def install(self, model: nn.Module, quantizer: GBLMHfQuantizer) -> None:
+        for name in quantizer.packed_masks:
+            entry = self.entries.get(name)
+            if entry is not None:
+                module, weight, owner, handle = entry
+                current = module.weight
+                if owner is quantizer and (current is weight if weight is not None else not _hookable(current)):
+                    continue  # hooked, or still not hookable
+                if handle is not None:
+                    handle.remove()
+            module = model.get_submodule(name)
+            weight = module.weight
+            if not _hookable(weight):
+                self.entries[name] = (module, None, quantizer, None)
+                continue
+            handle = weight.register_post_accumulate_grad_hook(_zero_masked_gradient(quantizer, name))
+            self.entries[name] = (module, weight, quantizer, handle)
+
+    def remove(self) -> None:
+        for _, _, _, handle in self.entries.values():
+            if handle is not None:
+                handle.remove()
+        self.entries.clear()
+
+
+def _hookable(weight: torch.Tensor) -> bool:
+    """Frozen: no gradient to mask (hooked once it requires grad). Sharded (FSDP2 DTensor): the full-shape mask does
+    not apply to a shard's gradient; such weights were never masked (FSDP replaces the parameters the hooks were put
+    on), and are not now."""
+    return weight.requires_grad and not is_dtensor(weight)
+
+
+def _ensure_gradient_masking(model: nn.Module, args: Any) -> None:
+    """Forward pre-hook of a pruned model: (re)hooks masked weights that lack their hook (see _GradientMasking)."""
+    if not torch.is_grad_enabled():
+        return  # no backward can follow this forward
+    masking = getattr(model, GRADIENT_HOOKS_ATTRIBUTE, None)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if isinstance(masking, _GradientMasking) and isinstance(quantizer, GBLMHfQuantizer):
+        masking.install(model, quantizer)
+
+
 def _remove_gradient_hooks(model: nn.Module) -> None:
-    for handle in getattr(model, GRADIENT_HOOKS_ATTRIBUTE, []):
-        handle.remove()
+    masking = getattr(model, GRADIENT_HOOKS_ATTRIBUTE, None)
+    if isinstance(masking, _GradientMasking):
+        masking.remove()
+    else:
+        for handle in masking or []:
+            handle.remove()
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if hook is _ensure_gradient_masking:
+            del model._forward_pre_hooks[key]
     setattr(model, GRADIENT_HOOKS_ATTRIBUTE, [])
 
 
 def install_gradient_masking(model: nn.Module, quantizer: GBLMHfQuantizer) -> None:
-    """Zero masked gradients as they are accumulated, so no optimizer ever sees them (replaces earlier hooks)."""
+    """Zero masked gradients as they are accumulated, so no optimizer ever sees them (replaces earlier hooks).
+
+    Copies of the model (`copy.deepcopy`, pickling) keep this: they hook their own weights before their first
+    forward with gradients (see _GradientMasking)."""
     _remove_gradient_hooks(model)
-    setattr(
-        model,
-        GRADIENT_HOOKS_ATTRIBUTE,
-        [
-            model.get_submodule(name).weight.register_post_accumulate_grad_hook(_zero_masked_gradient(quantizer, name))
-            for name in quantizer.packed_masks
-        ],
-    )
+    masking = _GradientMasking()
+    setattr(model, GRADIENT_HOOKS_ATTRIBUTE, masking)
+    masking.install(model, quantizer)
+    model.register_forward_pre_hook(_ensure_gradient_masking)
 
 
 def _save_pretrained_with_masks(self: nn.Module, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+    if not isinstance(getattr(self, "hf_quantizer", None), GBLMHfQuantizer):
+        # Checked before anything is written. Without its quantizer the model carries no masks to write.
+        if isinstance(getattr(self.config, "quantization_config", None), GBLMConfig):
+            raise ValueError(
+                "this model's config.json would name GBLM masks (quantization_config) but the model no longer carries "
+                "them (its hf_quantizer was removed), so the checkpoint would not load; nothing was written. Call "
+                "model.dequantize() to save it as a plain dense model, or prune it again."
+            )
+        return type(self).save_pretrained(self, save_directory, *args, **kwargs)  # a plain dense model now
     if not SAVE_HOOKS:
         # Checked before anything is written: a checkpoint without its masks would load as unverifiable.
         raise RuntimeError("no GBLM save hooks are registered: `import optimum_gblm` before saving a pruned model.")
-    result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
-    if not os.path.isfile(save_directory):  # transformers logs and returns when given a file
-        for hook in list(SAVE_HOOKS):
-            hook(self, save_directory)
+    # transformers would push from inside its save_pretrained, before the masks and our card exist: the save is
+    # done here without pushing, then PUSH_HANDLER uploads what it wrote, in one commit.
+    save, push, hub_options = _split_push_options(type(self).save_pretrained, self, save_directory, *args, **kwargs)
+    if push and PUSH_HANDLER is None:
+        raise RuntimeError("no GBLM push handler is registered: `import optimum_gblm` before pushing a pruned model.")
+    before = _file_stamps(save_directory) if push else None
+    result = save()
+    if os.path.isfile(save_directory) or not hub_options.pop("is_main_process", True):
+        return result  # transformers logs and returns when given a file; other ranks write nothing
+    for hook in list(SAVE_HOOKS):
+        hook(self, save_directory)
+    if push:
+        repo_id = hub_options.pop("repo_id", None) or os.fspath(save_directory).rstrip("/" + os.sep).split(os.sep)[-1]
+        PUSH_HANDLER(self, repo_id, folder=save_directory, changed_since=before, **hub_options)
     return result
 
 
-def _push_pruned_to_hub(self: nn.Module, repo_id: str, *args: Any, **kwargs: Any) -> Any:
-    """transformers' push_to_hub would replace our card with a generic one; ours uploads everything in one commit."""
+# save_pretrained(..., push_to_hub=True, **kwargs) options that concern the push (transformers' names).
+_SAVE_PUSH_OPTIONS = ("repo_id", "commit_message", "commit_description", "private", "create_pr", "revision", "tags")
+
+
+def _split_push_options(
+    save_pretrained: Callable[..., Any], model: nn.Module, save_directory: Any, *args: Any, **kwargs: Any
+) -> tuple[Callable[[], Any], bool, dict[str, Any]]:
+    """(transformers' save_pretrained call without pushing, whether a push was asked, the push's options plus
+    is_main_process), from the arguments as transformers' signature binds them (positional ones included)."""
+    import functools
+    import inspect
+
+    bound = inspect.signature(save_pretrained).bind(model, save_directory, *args, **kwargs)
+    push = bool(bound.arguments.pop("push_to_hub", False))
+    options: dict[str, Any] = {"is_main_process": bound.arguments.get("is_main_process", True)}
+    if push:
+        extra = next((p.name for p in inspect.signature(save_pretrained).parameters.values() if p.kind is p.VAR_KEYWORD), None)
+        more = bound.arguments.get(extra, {}) if extra else {}
+        options.update({name: more.pop(name) for name in _SAVE_PUSH_OPTIONS if name in more})
+        if bound.arguments.get("token") is not None:
+            options["token"] = bound.arguments["token"]
+    return functools.partial(save_pretrained, *bound.args, **bound.kwargs), push, options
+
+
+def _file_stamps(folder: Any) -> dict[str, tuple[int, int, int]]:
+    """{name: (mtime_ns, size, inode)} of the files in `folder` (a save_pretrained with a push uploads the changed)."""
+    stamps = {}
+    if os.path.isdir(folder):
+        for entry in os.scandir(folder):
+            info = entry.stat(follow_symlinks=False)
+            stamps[entry.name] = (info.st_mtime_ns, info.st_size, info.st_ino)
+    return stamps
+
+
+# Options a pruned model's push_to_hub takes besides transformers' own (by keyword only).
+_PUSH_EXTRAS = ("tokenizer", "replace_model_card", "endpoint", "safe_serialization")
+
+
+def _push_pruned_to_hub(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """transformers' push_to_hub would replace our card with a generic one; ours uploads everything in one commit.
+
+    It takes what transformers' `PushToHubMixin.push_to_hub` of the installed version takes, positional arguments in
+    its order included (repo_id first), plus `_PUSH_EXTRAS`; `max_shard_size` / `safe_serialization` shape the save
+    that is uploaded."""
+    import inspect
+
+    from transformers.utils.hub import PushToHubMixin
+
     if PUSH_HANDLER is None:
         raise RuntimeError("no GBLM push handler is registered: `import optimum_gblm` before pushing a pruned model.")
-    if args:
-        raise ValueError("pass push_to_hub options by keyword (token=..., private=..., commit_message=...).")
-    for ignored in ("max_shard_size", "safe_serialization", "tags", "use_temp_dir"):
-        kwargs.pop(ignored, None)
-    return PUSH_HANDLER(self, repo_id, **kwargs)
+    parameters = list(inspect.signature(PushToHubMixin.push_to_hub).parameters.values())[1:]  # after self
+    positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    by_keyword = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} | set(_PUSH_EXTRAS)
+    if len(args) > len(positional):
+        raise TypeError(
+            f"push_to_hub() takes {len(positional)} positional argument{'s' if len(positional) != 1 else ''} "
+            f"({', '.join(positional)}) but {len(args)} were given; pass the other options by keyword."
+        )
+    options = dict(zip(positional, args))
+    for name, value in kwargs.items():
+        if name in options:
+            raise TypeError(f"push_to_hub() got multiple values for argument {name!r}")
+        if name not in by_keyword:
+            raise TypeError(f"push_to_hub() got an unexpected keyword argument {name!r}")
+        options[name] = value
+    if "repo_id" not in options:
+        raise TypeError("push_to_hub() missing 1 required argument: 'repo_id'")
+    options.pop("use_temp_dir", None)  # older transformers: the upload always comes from a temporary folder here
+    return PUSH_HANDLER(self, options.pop("repo_id"), **options)
 
 
 def attach_masks(

@@ -28,6 +28,7 @@ LAYERS: list[str | tuple[str, ...]] = [
     "obs",
     "methods",
     "sparse_state",
+    ("compressed", "semi_structured"),  # storage of pruned weights, GPU 2:4 kernels: what a pruned model can become
     "checkpoint",  # below the pruner: GBLMPruner.quantize(save_dir) saves atomically; checkpoint never prunes
     "pruner",
     "training",

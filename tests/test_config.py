@@ -144,3 +144,15 @@ def test_old_flat_keys_load_into_options_and_record():
     assert config.checksum_recipes()[1]["sparsegpt_damping"] == 0.05
     owl = GBLMConfig.from_dict({"sparsity_profile": "owl", "owl_lambda": 0.05, "owl_threshold": 4.0})
     assert owl.profile_options == {"threshold": 4.0, "spread": 0.05}
+
+
+def test_a_remeasurement_without_dense_keeps_the_earlier_dense_number():
+    from optimum_gblm.record import PruningRecord
+
+    record = PruningRecord()
+    entry = {"data": "held-out", "seqlen": 512, "num_tokens": 4096, "perplexity": 50.0}
+    record.record_evaluation({**entry, "dense_perplexity": 40.0})
+    record.record_evaluation({**entry, "perplexity": 48.0, "dense_perplexity": None})
+    assert record.evaluation == [{**entry, "perplexity": 48.0, "dense_perplexity": 40.0}]
+    record.record_evaluation({**entry, "num_tokens": 2048, "perplexity": 47.0, "dense_perplexity": None})
+    assert record.evaluation[-1]["dense_perplexity"] is None  # another protocol: no dense number to keep

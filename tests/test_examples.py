@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import sample_text, tiny_model
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainingArguments
 
 from optimum_gblm.engine import prunable_modules
 from optimum_gblm.evaluation import load_multiple_choice, multiple_choice_accuracy
@@ -165,28 +165,51 @@ def test_local_scorer_agrees_with_lm_evaluation_harness(tokenizer):
     assert ours == pytest.approx(theirs, abs=1e-4)
 
 
-def test_examples_pruning_arguments_have_the_cli_names():
-    """`--num_samples` in the examples is `--num-samples` in the CLI: one name per option, generated from the recipe."""
-    from transformers import HfArgumentParser, TrainingArguments
+EXAMPLE_JOB_ARGUMENTS = ("ModelArguments", "PruningArguments", "RuntimeArguments", "EvaluationArguments", "OutputArguments")
 
+
+def test_examples_take_every_prune_flag_under_its_cli_spelling_too():
+    """One definition per option: the examples' arguments are generated from the same fields as `optimum-gblm
+    prune`'s flags (recipe, runtime and the job's model / evaluation / output options), so every CLI flag has an
+    example argument that also accepts the CLI's spelling, and the same command line gives the same job."""
+    from transformers import HfArgumentParser
+
+    from optimum_gblm import options
     from optimum_gblm.cli import build_parser
+    from optimum_gblm.jobs import EvaluationOptions, ModelOptions, OutputOptions, PruneJob
 
     arguments = example_module("arguments")
+    classes = [getattr(arguments, name) for name in EXAMPLE_JOB_ARGUMENTS]
     prune = build_parser()._subparsers._group_actions[0].choices["prune"]
-    job_only = {"help", "verbose", "model", "gguf_file", "dtype", "device", "trust_remote_code", "output", "overwrite",
-                "eval_data", "eval_seqlen", "eval_max_tokens", "push_to_hub"}
-    cli = {a.dest for a in prune._actions} - job_only
-    pruning = {f.name for f in dataclasses.fields(arguments.PruningArguments)}
-    runtime = {f.name for f in dataclasses.fields(arguments.RuntimeArguments)}
-    assert pruning | runtime == cli
-    assert {"seed", "num_samples", "sparsegpt_damping", "sparsegpt_blocksize", "owl_threshold", "owl_spread"} <= pruning
-    hf = HfArgumentParser((arguments.PruningArguments, arguments.RuntimeArguments))
+    cli = {a.dest for a in prune._actions} - {"help"}
+    generated = options.all_flags() + [f for c in (ModelOptions, EvaluationOptions, OutputOptions) for f in options.option_flags(c)]
+    assert {f.dest for f in generated} == cli
+    example_fields = {f.name for c in classes for f in dataclasses.fields(c)}
+    assert example_fields == {f.example_dest for f in generated}
+    assert {"model_name_or_path", "output_dir", "overwrite_output_dir", "eval_data", "dtype", "device_map"} <= example_fields
+
+    hf = HfArgumentParser(classes)
     spellings = {s for a in hf._actions for s in a.option_strings}
     for action in prune._actions:
         if action.dest in cli and action.dest != "use_cache":  # the CLI's --no-cache is --no_use_cache there
             assert set(action.option_strings) <= spellings, action.option_strings
 
+    argv = ["--model", "org/m", "--gguf-file", "m.gguf", "--dtype", "bfloat16", "--device-map", "auto",
+            "--trust-remote-code", "--method", "sparsegpt", "--sparsegpt-blocksize", "32", "--num-samples", "8",
+            "--calibration", "c4", "--gradient-checkpointing", "--eval-data", "a.txt", "b.txt", "--eval-seqlen", "128",
+            "--output", "out", "--overwrite", "--push-to-hub", "me/m-2of4"]
+    from_cli = PruneJob.from_arguments(build_parser().parse_args(["prune", *argv]))
+    from_examples = PruneJob.from_arguments(*hf.parse_args_into_dataclasses(argv))
+    assert from_examples == from_cli
+    assert from_cli.model == ModelOptions("org/m", "m.gguf", "bfloat16", None, "auto", True)
+    assert from_cli.output == OutputOptions("out", True, "me/m-2of4")
+    assert from_cli.evaluation == EvaluationOptions(["a.txt", "b.txt"], 128)
+    assert from_cli.config.method_options["blocksize"] == 32 and from_cli.runtime.gradient_checkpointing
+
     # The fine-tuning script also parses TrainingArguments: its seed (and gradient checkpointing) are the ones used.
     finetune = example_module("run_sparse_finetune")
     assert "seed" not in {f.name for f in dataclasses.fields(finetune.PruningArguments)}
-    HfArgumentParser((finetune.PruningArguments, finetune.RuntimeArguments, TrainingArguments))  # no clashing flags
+    assert {f.name for f in dataclasses.fields(finetune.OverwriteArguments)} == {"overwrite_output_dir"}
+    HfArgumentParser((arguments.ModelArguments, finetune.TrainingDataArguments, arguments.EvaluationArguments,
+                      finetune.PruningArguments, finetune.RuntimeArguments, finetune.OverwriteArguments,
+                      TrainingArguments))  # no clashing flags

@@ -1,3 +1,6 @@
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import tiny_model, weights_of
@@ -151,3 +154,148 @@ def test_gradient_stage_refuses_a_model_that_still_carries_masks(calibration_ids
     expected = compute_gradient_norms(fresh, calibration_ids, prunable_modules(fresh), show_progress=False)
     norms = compute_gradient_norms(model, calibration_ids, modules, show_progress=False)
     assert all(torch.equal(norms[n], expected[n]) for n in expected)
+
+
+# -- a cache shared between processes -----------------------------------------------------------------------------
+def counting_compute(monkeypatch) -> list:
+    calls = []
+    real = gradients_module.compute_gradient_norms
+    monkeypatch.setattr(gradients_module, "compute_gradient_norms", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def partial_after(model, ids, modules, cache, completed: int) -> bytes:
+    """The partial file of a run interrupted after `completed` sequences (progress saved after every one)."""
+    calls = []
+
+    def stop(module, args):
+        calls.append(1)
+        if len(calls) > completed:
+            raise KeyboardInterrupt
+
+    hook = model.model.layers[0].register_forward_pre_hook(stop)
+    with pytest.raises(KeyboardInterrupt):
+        cached_gradient_norms(model, ids, modules, cache_dir=cache, show_progress=False, progress_seconds=0)
+    hook.remove()
+    key = gradients_module.cache_key(model, modules, ids, "l1", 1.0)
+    partial = cache / f"{key}.partial.safetensors"
+    assert gradients_module.cache_metadata(partial)["completed"] == str(completed)
+    data = partial.read_bytes()
+    partial.unlink()
+    return data
+
+
+def test_a_partial_file_replaced_while_it_is_read_is_read_whole(tmp_path, monkeypatch):
+    """Another process saves its own (later) progress at the exact moment this one has read the partial file's
+    metadata: metadata and sums must still come from one file, or the resumed norms count sequences twice."""
+    model = tiny_model("llama")
+    modules = prunable_modules(model)
+    ids = torch.randint(0, 96, (6, 16), generator=torch.Generator().manual_seed(3))
+    key = gradients_module.cache_key(model, modules, ids, "l1", 1.0)
+    partial = tmp_path / f"{key}.partial.safetensors"
+    at_three, at_five = (partial_after(model, ids, modules, tmp_path, n) for n in (3, 5))
+    partial.write_bytes(at_three)
+    real_open = gradients_module.safe_open
+    replaced = []
+
+    class OtherProcessWritesAfterEachRead:
+        def __init__(self, path, *args, **kwargs):
+            self.path, self.handle = str(path), real_open(path, *args, **kwargs)
+
+        def __enter__(self):
+            return self.handle.__enter__()
+
+        def __exit__(self, *exc):
+            result = self.handle.__exit__(*exc)
+            if self.path == str(partial) and not replaced:
+                replaced.append(1)
+                (tmp_path / "other").write_bytes(at_five)
+                os.replace(tmp_path / "other", partial)  # written atomically, as every cache file is
+            return result
+
+    monkeypatch.setattr(gradients_module, "safe_open", OtherProcessWritesAfterEachRead)
+    norms = cached_gradient_norms(model, ids, modules, cache_dir=tmp_path, show_progress=False)
+    assert replaced
+    expected = compute_gradient_norms(model, ids, modules, show_progress=False)
+    for name in expected:
+        torch.testing.assert_close(norms[name], expected[name], rtol=1e-6, atol=1e-7)
+    monkeypatch.undo()
+    cached = gradients_module.load_gradient_norms(tmp_path / f"{key}.safetensors", modules)
+    assert all(torch.equal(cached[n], norms[n]) for n in expected), "what was cached is what was returned"
+
+
+def test_a_partial_file_removed_by_another_process_does_not_fail_the_run(tmp_path, calibration_ids, monkeypatch):
+    model = tiny_model("llama")
+    modules = prunable_modules(model)
+    key = gradients_module.cache_key(model, modules, calibration_ids, "l1", 1.0)
+    partial = tmp_path / f"{key}.partial.safetensors"
+    real_unlink = Path.unlink
+
+    def removed_by_another_process_first(self, *args, **kwargs):
+        if self == partial and os.path.exists(self):
+            os.remove(self)  # the other process finished the same key a moment earlier and cleaned up
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", removed_by_another_process_first)
+    # progress is saved after every sequence, so there is a partial file to remove at the end
+    norms = cached_gradient_norms(model, calibration_ids, modules, cache_dir=tmp_path, show_progress=False,
+                                  progress_seconds=0)
+    expected = compute_gradient_norms(model, calibration_ids, modules, show_progress=False)
+    assert all(torch.equal(norms[n], expected[n]) for n in expected)
+    assert (tmp_path / f"{key}.safetensors").is_file() and not partial.exists()
+
+
+@pytest.mark.parametrize(
+    "metadata, values, trusted",
+    [
+        ({}, "doubled", False),  # says nothing about what it is
+        ({"state": "complete", "key": "another key"}, "doubled", False),  # another key's result, copied or renamed
+        ({"state": "partial", "key": "{key}", "completed": "2"}, "doubled", False),  # progress, not a result
+        ({"state": "complete", "key": "{key}"}, "nan", False),
+        ({"state": "complete", "key": "{key}"}, "negative", False),
+        ({"state": "complete", "key": "{key}"}, "doubled", True),  # what a finished run writes: trusted as it is
+    ],
+)
+def test_a_cache_entry_is_trusted_only_when_it_says_it_is_this_keys_result(tmp_path, calibration_ids, monkeypatch,
+                                                                           metadata, values, trusted):
+    model = tiny_model("llama")
+    modules = prunable_modules(model)
+    key = gradients_module.cache_key(model, modules, calibration_ids, "l1", 1.0)
+    expected = compute_gradient_norms(model, calibration_ids, modules, show_progress=False)
+    planted = {n: v * 2 for n, v in expected.items()}
+    first = next(iter(planted))
+    planted[first][0, 0] = {"doubled": planted[first][0, 0], "nan": float("nan"), "negative": -1.0}[values]
+    entry = {k: v.format(key=key) for k, v in metadata.items()}
+    save_gradient_norms(planted, tmp_path / f"{key}.safetensors", {"format": "1", **entry})
+    calls = counting_compute(monkeypatch)
+    norms = cached_gradient_norms(model, calibration_ids, modules, cache_dir=tmp_path, show_progress=False)
+    reference = planted if trusted else expected
+    assert all(torch.equal(norms[n], reference[n]) for n in expected)
+    assert len(calls) == (0 if trusted else 1)
+
+
+def test_one_process_at_a_time_computes_a_key_and_the_next_reuses_its_result(tmp_path, calibration_ids, monkeypatch):
+    from optimum_gblm.files import OwnerLock
+
+    model = tiny_model("llama")
+    modules = prunable_modules(model)
+    key = gradients_module.cache_key(model, modules, calibration_ids, "l1", 1.0)
+    expected = compute_gradient_norms(model, calibration_ids, modules, show_progress=False)
+    other = OwnerLock(tmp_path / f"{key}.lock")
+    assert other.acquire(blocking=False)  # another process is computing this key
+    waited = []
+
+    class OtherFinishesWhileWeWait(OwnerLock):
+        def acquire(self, blocking=True):
+            if blocking and other.held:  # the moment this process starts waiting, the other one finishes
+                waited.append(1)
+                save_gradient_norms(expected, tmp_path / f"{key}.safetensors", {"format": "1", "key": key, "state": "complete"})
+                other.release()
+            return super().acquire(blocking)
+
+    monkeypatch.setattr(gradients_module, "OwnerLock", OtherFinishesWhileWeWait)
+    calls = counting_compute(monkeypatch)
+    norms = cached_gradient_norms(model, calibration_ids, modules, cache_dir=tmp_path, show_progress=False)
+    assert waited and not calls, "it waited for the other process, then reused its result"
+    assert all(torch.equal(norms[n], expected[n]) for n in expected)
+    assert not (tmp_path / f"{key}.lock").exists()

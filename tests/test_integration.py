@@ -94,6 +94,32 @@ def test_trainer_keeps_masked_weights_at_zero_and_trains_the_rest(tmp_path):
     assert all(torch.equal(v, weights_of(model)[k]) for k, v in weights_of(reloaded).items())
 
 
+def test_sparsity_callback_writes_masks_and_card_into_the_push_folder_of_the_main_process_only(tmp_path):
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    model = pruned(pattern="2:4")
+    callback = SparsityCallback()
+    control = TrainerControl()
+
+    def push(folder, model, main=True):
+        args = SimpleNamespace(output_dir=str(folder))
+        callback.on_push_begin(args, TrainerState(is_world_process_zero=main), control, model=model)
+        return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+    # the Trainer's upload folder gets the masks (what a checkpoint push copies there lacks them) and our card
+    assert push(tmp_path / "main", model) == ["README.md", "gblm_masks.safetensors"]
+    packed, _ = read_masks(tmp_path / "main" / "gblm_masks.safetensors")
+    assert all(torch.equal(packed[n], model.hf_quantizer.packed_masks[n]) for n in packed)
+    assert "## Recipe" in (tmp_path / "main" / "README.md").read_text()
+    # a wrapped model (DDP, DataParallel: `.module`) is found; other ranks, and models without masks, write nothing
+    assert push(tmp_path / "wrapped", SimpleNamespace(module=model)) == ["README.md", "gblm_masks.safetensors"]
+    assert push(tmp_path / "rank1", model, main=False) == []
+    assert push(tmp_path / "dense", tiny_model("llama")) == []
+    assert push(tmp_path / "none", None) == []
+
+
 def test_gradient_masking_alone_keeps_zeros_in_a_plain_training_loop():
     model = pruned(pattern="unstructured")
     masks = zero_masks(model)
@@ -275,3 +301,75 @@ def test_save_hooks_are_registered_once_in_order(monkeypatch):
     write_masks.__module__, write_masks.__qualname__ = checkpoint.write_masks.__module__, "write_masks"
     sparse_state.register_save_hook(write_masks)
     assert sparse_state.SAVE_HOOKS == [write_masks, hub.write_model_card]
+
+
+def test_a_dequantized_model_saves_as_a_plain_dense_model(tmp_path):
+    from optimum_gblm.checkpoint import save_pretrained_atomically
+
+    model = pruned(pattern="2:4")
+    masks = zero_masks(model)
+    model.dequantize()
+    model.save_pretrained(tmp_path / "dense")
+    assert "quantization_config" not in json.loads((tmp_path / "dense" / "config.json").read_text())
+    assert not (tmp_path / "dense" / "gblm_masks.safetensors").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    assert getattr(loaded, "hf_quantizer", None) is None
+    assert all(torch.equal(v, weights_of(model)[k]) for k, v in weights_of(loaded).items())
+    save_pretrained_atomically(model, tmp_path / "atomic")
+    assert not (tmp_path / "atomic" / "gblm_masks.safetensors").exists()
+    # a plain dense model: training may now move the pruned weights
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-1)
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    assert any(not torch.equal(zero_masks(model)[n], m) for n, m in masks.items())
+
+
+def test_a_model_that_lost_its_masks_is_refused_before_anything_is_written(tmp_path):
+    model = pruned()
+    model.hf_quantizer = None  # its config.json would still name masks it cannot write
+    with pytest.raises(ValueError, match="no longer carries them.*nothing was written.*dequantize"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_deep_copy_keeps_its_gradient_masking():
+    import copy
+
+    model = pruned(pattern="unstructured")
+    masks = zero_masks(model)
+    duplicate = copy.deepcopy(model)
+    assert duplicate.hf_quantizer is not model.hf_quantizer
+    before = weights_of(duplicate)
+    # no SparsityCallback: the gradient hooks alone must keep the zeros (AdamW's weight decay included)
+    optimizer = torch.optim.AdamW(duplicate.parameters(), lr=1e-2, weight_decay=0.1)
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        duplicate(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, module in prunable_modules(duplicate).items():
+        assert torch.equal(module.weight == 0, masks[name]), f"{name}: a pruned weight of the copy moved"
+        assert not torch.equal(module.weight, before[f"{name}.weight"]), f"{name} did not train"
+    # the copy's hooks use the copy's masks, and the original keeps its own
+    assert all(torch.equal(zero_masks(model)[n], m) for n, m in masks.items())
+    from optimum_gblm.sparse_state import detach_masks
+
+    detach_masks(duplicate)  # and forgetting the masks stops the masking on the copy too
+    duplicate(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    assert any(not torch.equal(zero_masks(duplicate)[n], m) for n, m in masks.items())
+
+
+def test_a_model_pruned_while_frozen_is_masked_once_it_trains():
+    """Hooks attach lazily: a frozen weight has no gradient to mask, and is hooked when it starts requiring grad."""
+    model = tiny_model("llama")
+    model.requires_grad_(False)  # as for inference
+    GBLMPruner(GBLMConfig(method="magnitude", pattern="2:4")).prune(model)
+    masks = zero_masks(model)
+    model.requires_grad_(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    assert all(torch.equal(zero_masks(model)[n], m) for n, m in masks.items())

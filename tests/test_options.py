@@ -236,3 +236,39 @@ def test_reproduce_command_leaves_out_calibration_it_cannot_name():
     config.record.base_model = {"name": "HuggingFaceTB/SmolLM2-135M-Instruct", "default": True}
     args, parsed = parse_reproduce(reproduce_command(config))
     assert args.model is None and parsed.recipe() == config.recipe()
+
+
+@dataclasses.dataclass
+class ToyJobOptions:
+    target: str = option(help="where it goes", hf_name="output_dir")
+    size: int | None = option(None, "how many (default: all)")
+    model: str | None = option(None, "which model", hf_name="model_name_or_path")
+    quiet: bool = option(False, "say less")
+
+
+def test_any_options_dataclass_gets_cli_flags_and_example_arguments_from_its_fields():
+    """The job's settings use the same machinery as the recipe: one field, one CLI flag, one example argument."""
+    parser = argparse.ArgumentParser()
+    options.add_option_arguments(parser, ToyJobOptions, "toy", required=("model",))
+    flags = flags_of(parser)
+    assert {"--target", "--size", "--model", "--quiet"} <= set(flags)
+    assert flags["--target"].required and flags["--model"].required and not flags["--size"].required
+    assert flags["--size"].help == "how many (default: all)"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--target", "t"])  # --model is required here
+    parsed = parser.parse_args(["--target", "t", "--model", "m", "--size", "3", "--quiet"])
+    assert options.options_from_arguments(ToyJobOptions, parsed) == ToyJobOptions("t", 3, "m", True)
+
+    cls = options.arguments_dataclass(ToyJobOptions)
+    assert cls.__name__ == "ToyJobArguments"
+    assert [f.name for f in dataclasses.fields(cls)] == ["output_dir", "size", "model_name_or_path", "quiet"]
+    hf = HfArgumentParser(cls)
+    for argv in (["--output_dir", "t", "--model_name_or_path", "m"], ["--target", "t", "--model", "m"]):
+        (args,) = hf.parse_args_into_dataclasses(argv)  # transformers' names, and the CLI's as aliases
+        assert args.to_options() == ToyJobOptions("t", None, "m", False)
+    with pytest.raises(SystemExit):
+        hf.parse_args_into_dataclasses([])  # required: no default
+    (args,) = hf.parse_dict({"output_dir": "t", "size": 2})  # a JSON file uses the example names
+    assert args.to_options(quiet=True) == ToyJobOptions("t", 2, None, True)
+    assert [f.name for f in dataclasses.fields(options.arguments_dataclass(ToyJobOptions, exclude=("target", "quiet")))] == [
+        "size", "model_name_or_path"]

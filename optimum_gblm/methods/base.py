@@ -77,6 +77,16 @@ class PruningMethod:
         """End of the pass: release per-run state; anything worth keeping goes into `self.layer_settings`."""
 
 
+def check_blocksize(config: GBLMConfig, blocksize: int, flag: str) -> None:
+    """OBS sweeps select N:M groups inside column blocks: a block must hold whole groups of M."""
+    nm = config.nm
+    if nm is not None and blocksize % nm[1]:
+        raise ValueError(
+            f"{config.method} blocksize {blocksize} must be a multiple of M={nm[1]} for pattern {config.pattern!r}: "
+            f"set method_options={{'blocksize': {nm[1] * max(1, 128 // nm[1])}}} ({flag})."
+        )
+
+
 class SparsityProfile:
     """How much of each layer to prune. `layer_sparsities` may run a measuring pass over the dense model."""
 

@@ -31,7 +31,7 @@ from ..masks import select_mask
 from ..obs import cross_validated_mu, obs_prune
 from ..registry import register_method
 from ..scores import SCORES, auto_alpha
-from .base import PruningMethod
+from .base import PruningMethod, check_blocksize
 
 SELECTIONS = ("score", "joint")
 
@@ -102,12 +102,7 @@ class GBLMOBS(PruningMethod):
     @classmethod
     def check_config(cls, config: GBLMConfig) -> None:
         options = config.method_options
-        nm = config.nm
-        if nm is not None and options["blocksize"] % nm[1]:
-            raise ValueError(
-                f"gblm_obs blocksize {options['blocksize']} must be a multiple of M={nm[1]} for pattern "
-                f"{config.pattern!r} (--gblm-obs-blocksize)."
-            )
+        check_blocksize(config, options["blocksize"], "--gblm-obs-blocksize")
         if options["mu"] == "auto" and options["folds"] > config.num_samples:
             raise ValueError(
                 f"gblm_obs folds={options['folds']} needs at least that many calibration sequences, num_samples is "

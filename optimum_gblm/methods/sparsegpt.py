@@ -13,7 +13,7 @@ from ..config import GBLMConfig, check_int, option
 from ..engine import HessianStats, weight_matrix
 from ..obs import sparsegpt_prune
 from ..registry import register_method
-from .base import PruningMethod
+from .base import PruningMethod, check_blocksize
 
 
 @dataclass
@@ -33,14 +33,11 @@ class SparseGPT(PruningMethod):
     help = "SparseGPT: OBS prune-and-update on each layer's Hessian"
     Options = SparseGPTOptions
 
+    needs_activations = True  # for the Hessian
+
     @classmethod
     def check_config(cls, config: GBLMConfig) -> None:
-        nm, blocksize = config.nm, config.method_options["blocksize"]
-        if nm is not None and blocksize % nm[1]:
-            raise ValueError(
-                f"sparsegpt blocksize {blocksize} must be a multiple of M={nm[1]} for pattern {config.pattern!r}: "
-                f"set method_options={{'blocksize': {nm[1] * max(1, 128 // nm[1])}}} (--sparsegpt-blocksize)."
-            )
+        check_blocksize(config, config.method_options["blocksize"], "--sparsegpt-blocksize")
 
     def new_stats(self, name: str, module: nn.Module) -> HessianStats:
         return HessianStats(weight_matrix(module).shape[1], module.weight.device)
