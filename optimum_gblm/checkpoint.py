@@ -14,6 +14,7 @@ import errno
 import glob
 import logging
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -117,14 +118,30 @@ WEIGHT_FILES = (
 )
 
 
+# Files a pruned checkpoint's save writes (weights and shards, configs, tokenizer, masks, card, evaluation results):
+# anything else in a folder being replaced would be lost with it.
+CHECKPOINT_FILE = re.compile(
+    r"(config|generation_config|special_tokens_map|added_tokens|tokenizer_config|tokenizer|preprocessor_config|"
+    r"eval_results)\.json|.*\.safetensors(\.index\.json)?|pytorch_model.*\.bin(\.index\.json)?|tokenizer\.model|"
+    r"spiece\.model|vocab\.(json|txt)|merges\.txt|chat_template\.(jinja|json)|README\.md"
+)
+
+
+def foreign_files(folder: str | os.PathLike) -> list[str]:
+    """Entries of `folder` that no checkpoint save writes (sub-folders, notes, a .git repository ...)."""
+    return sorted(p.name for p in Path(folder).iterdir() if not (p.is_file() and CHECKPOINT_FILE.fullmatch(p.name)))
+
+
 def is_checkpoint(folder: str | os.PathLike) -> bool:
-    """True for a folder a save may replace: an empty one, or a transformers checkpoint (config.json and weights)."""
+    """True for a folder a save may replace: an empty one, or a transformers checkpoint (config.json and weights)
+    holding nothing but checkpoint files."""
     folder = Path(folder)
     if not folder.is_dir():
         return False
     if not any(folder.iterdir()):
         return True
-    return (folder / "config.json").is_file() and any((folder / name).is_file() for name in WEIGHT_FILES)
+    has_weights = (folder / "config.json").is_file() and any((folder / name).is_file() for name in WEIGHT_FILES)
+    return has_weights and not foreign_files(folder)
 
 
 def check_output_dir(output: str | os.PathLike, overwrite: bool, fix: str = "pass overwrite=True") -> None:
@@ -138,11 +155,12 @@ def check_output_dir(output: str | os.PathLike, overwrite: bool, fix: str = "pas
     if not overwrite:
         raise ValueError(f"{str(output)!r} already holds files; choose another folder or {fix}.")
     if not is_checkpoint(output):
-        names = sorted(p.name for p in output.iterdir())
+        names = foreign_files(output) or sorted(p.name for p in output.iterdir())
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         raise ValueError(
-            f"{str(output)!r} holds files ({shown}) but is not a model checkpoint (config.json with weights), and "
-            f"overwriting would delete the whole folder: choose another folder, or move those files away yourself."
+            f"{str(output)!r} holds files a checkpoint save does not write ({shown}), or is not a model checkpoint "
+            f"(config.json with weights); overwriting replaces the whole folder: choose another folder, or move those "
+            f"files away yourself."
         )
 
 

@@ -16,11 +16,13 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, register_quantization_config
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .files import write_atomically
 from .record import FLAT_RESULT_KEYS, PruningRecord
 from .registry import METHODS, PROFILES, get_method, get_profile
 
@@ -48,7 +50,7 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
         return None
     if isinstance(pattern, str) and pattern.count(":") == 1:
         n_text, m_text = pattern.split(":")
-        if n_text.strip().isdigit() and m_text.strip().isdigit():
+        if re.fullmatch(r"[0-9]+", n_text.strip()) and re.fullmatch(r"[0-9]+", m_text.strip()):
             n, m = int(n_text), int(m_text)
             if 0 < n < m:
                 return n, m
@@ -393,8 +395,8 @@ class GBLMConfig(QuantizationConfigMixin):
         return cls.from_dict(data)
 
     def to_json_file(self, json_file_path: str | os.PathLike) -> None:
-        with open(json_file_path, "w", encoding="utf-8") as handle:
-            handle.write(self.to_json_string())
+        text = self.to_json_string()
+        write_atomically(json_file_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), suffix=".json")
 
     @classmethod
     def from_json_file(cls, json_file_path: str | os.PathLike) -> GBLMConfig:

@@ -77,7 +77,7 @@ def inverse_hessian_factor(hessian: Tensor, name: str = "layer") -> Tensor:
     except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
         raise FloatingPointError(
             f"OBS/SparseGPT: the Hessian of {name} is not positive definite after damping; use a larger damping "
-            f"(e.g. GBLMConfig(sparsegpt_damping=0.1)), a larger mu, or more calibration data."
+            f"(the method's damping option, e.g. method_options={{'damping': 0.1}} or --sparsegpt-damping 0.1), a larger mu, or more calibration data."
         ) from None
 
 
@@ -185,7 +185,7 @@ def obs_prune(
     if not torch.isfinite(W).all():
         raise FloatingPointError(
             f"OBS/SparseGPT produced NaN/inf weights for {name}; use a larger damping "
-            f"(e.g. GBLMConfig(sparsegpt_damping=0.1)) or float32 weights."
+            f"(the method's damping option, e.g. method_options={{'damping': 0.1}} or --sparsegpt-damping 0.1) or float32 weights."
         )
     return W, ~pruned
 

@@ -141,7 +141,7 @@ class GBLMPruner(OptimumQuantizer):
         """
         config, runtime = self.config, self.runtime
         method_class, profile = get_method(config.method), get_profile(config.sparsity_profile)(config)
-        needs_activations, needs_gradients = method_class.needs_activations, method_class.gradients_needed(config)
+        needs_gradients = method_class.gradients_needed(config)
         start = time.perf_counter()
         # Check everything before touching the model: bad input must leave it as it was.
         find_decoder_blocks(model)
@@ -163,7 +163,7 @@ class GBLMPruner(OptimumQuantizer):
                 norms = gradient_norms
 
         input_ids = None
-        if needs_activations or needs_gradients or profile.needs_calibration(method_class):
+        if needs_calibration(config):
             if calibration is None:
                 calibration = config.dataset
             if calibration is None:
@@ -178,6 +178,12 @@ class GBLMPruner(OptimumQuantizer):
                 seqlen=config.seqlen,
                 seed=config.seed,
                 text_column=text_column,
+            )
+            check_token_ids(model, input_ids)
+            # What is actually used: a tensor of token ids sets its own size. The recipe is validated again with it
+            # now, while the model is untouched (a method may need more sequences than were given).
+            config = GBLMConfig.from_dict(
+                {**config.recipe(), "num_samples": int(input_ids.shape[0]), "seqlen": int(input_ids.shape[1])}
             )
 
         strip_gguf_quantization(model)  # GGUF's quantizer state would clash with ours
@@ -206,16 +212,13 @@ class GBLMPruner(OptimumQuantizer):
 
         report = sparsity_report(modules, {name: masks.mask(name) for name in masks.packed})
         calibration_record = None
-        recipe = config.recipe()
         if input_ids is not None:
             calibration_record = {
                 "source": source_description(calibration, text_column),
-                "num_samples": int(input_ids.shape[0]),
-                "seqlen": int(input_ids.shape[1]),
+                "num_samples": config.num_samples,
+                "seqlen": config.seqlen,
                 "seed": config.seed,
             }
-            # What was actually used: a tensor of token ids sets its own size.
-            recipe.update(num_samples=calibration_record["num_samples"], seqlen=calibration_record["seqlen"])
         record = PruningRecord(
             base_model=base_model_info(model),
             calibration=calibration_record,
@@ -228,7 +231,7 @@ class GBLMPruner(OptimumQuantizer):
                 "total": round(time.perf_counter() - start, 3),
             },
         )
-        attach_masks(model, GBLMConfig.from_dict({**recipe, "record": record}), masks.packed, masks.shapes)
+        attach_masks(model, GBLMConfig.from_dict({**config.recipe(), "record": record}), masks.packed, masks.shapes)
         logger.info(
             "pruned %d layers with %s (%s): global sparsity %.4f; gradients %.1fs, prune %.1fs",
             len(modules),
@@ -239,6 +242,25 @@ class GBLMPruner(OptimumQuantizer):
             prune_seconds,
         )
         return model
+
+
+def needs_calibration(config: GBLMConfig) -> bool:
+    """Whether this recipe reads calibration data (magnitude pruning does not)."""
+    method = get_method(config.method)
+    profile = get_profile(config.sparsity_profile)(config)
+    return method.needs_activations or method.gradients_needed(config) or profile.needs_calibration(method)
+
+
+def check_token_ids(model: nn.Module, input_ids: torch.Tensor) -> None:
+    """Ids from another tokenizer would fail deep inside the embedding (or, within range, prune on nonsense)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    if vocab is not None and input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+        raise ValueError(
+            f"calibration token ids range over [{int(input_ids.min())}, {int(input_ids.max())}] but the model's "
+            f"vocabulary has {vocab} entries: the ids come from another tokenizer. Tokenize with this model's "
+            f"tokenizer (or pass the text and tokenizer=...)."
+        )
 
 
 def check_finite_weights(modules: dict[str, nn.Module]) -> None:

@@ -20,7 +20,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, register_quanti
 from .checkpoint import find_masks_file, load_masks, read_masks
 from .compressed import check_compressed_checkpoint, decompression_conversions, is_decompression_conversion
 from .config import GBLMConfig
-from .pruner import GBLMPruner
+from .pruner import GBLMPruner, needs_calibration
 from .sparse_state import GBLMHfQuantizer, attach_masks
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,8 @@ class GBLMLoadingQuantizer(GBLMHfQuantizer):
         self.checkpoint_masks: tuple[dict[str, Any], dict[str, tuple[int, ...]]] | None = None
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
-        if not self.pre_quantized and self.quantization_config.dataset is None:
+        config = self.quantization_config
+        if not self.pre_quantized and config.dataset is None and needs_calibration(config):
             raise ValueError(
                 "pruning while loading needs calibration data: GBLMConfig(dataset='c4' | 'wikitext2' | a local path, "
                 "tokenizer=...)."

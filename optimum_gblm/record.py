@@ -22,6 +22,11 @@ def _fraction(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and 0.0 <= value <= 1.0
 
 
+def _perplexity(value: Any) -> bool:
+    # inf is a real outcome (a broken model); NaN, negatives and strings are damage
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value >= 1.0
+
+
 def _finite(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
@@ -79,7 +84,11 @@ class PruningRecord:
         if self.evaluation is None:
             self.evaluation = []
         if not isinstance(self.evaluation, list) or not all(
-            isinstance(e, dict) and all(isinstance(e.get(k), t) for k, t in EVALUATION_KEYS.items()) for e in self.evaluation
+            isinstance(e, dict)
+            and all(isinstance(e.get(k), t) and not isinstance(e.get(k), bool) for k, t in EVALUATION_KEYS.items())
+            and (e.get("dense_perplexity") is None or _perplexity(e["dense_perplexity"]))
+            and _perplexity(e["perplexity"])
+            for e in self.evaluation
         ):
             raise ValueError(f"record.evaluation must be a list of {{{', '.join(EVALUATION_KEYS)}, dense_perplexity}} entries.")
         if self.timings_seconds is None:

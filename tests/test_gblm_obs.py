@@ -64,3 +64,13 @@ def test_options_are_checked():
     with pytest.raises(ValueError, match="gblm_obs mu must be a number >= 0 or 'auto'"):
         GBLMConfig(method="gblm_obs", method_options={"mu": -1})
     assert not GBLMConfig(method="gblm_obs", method_options={"score": "wanda"}).options().score == "gblm"
+
+
+def test_too_few_sequences_for_the_folds_are_refused_before_any_weight_changes():
+    model = tiny_model("llama")
+    before = weights_of(model)
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))  # 2 sequences, 3 folds
+    with pytest.raises(ValueError, match="folds=3 needs at least that many calibration sequences, num_samples is 2"):
+        GBLMPruner(GBLMConfig(method="gblm_obs", method_options={"score": "wanda"}), show_progress=False).prune(model, ids)
+    assert all(torch.equal(before[k], v) for k, v in weights_of(model).items())
+    assert getattr(model.config, "quantization_config", None) is None

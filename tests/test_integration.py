@@ -373,3 +373,11 @@ def test_a_model_pruned_while_frozen_is_masked_once_it_trains():
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
     assert all(torch.equal(zero_masks(model)[n], m) for n, m in masks.items())
+
+
+def test_magnitude_prunes_at_load_without_calibration_data(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tiny_model("llama").save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=GBLMConfig(method="magnitude", pattern="2:4"))
+    assert model.config.quantization_config.record.global_sparsity == 0.5

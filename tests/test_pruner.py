@@ -104,3 +104,12 @@ def test_repruning_a_restored_model_forgets_the_old_masks(calibration_ids):
     GBLMPruner(GBLMConfig(), use_cache=False, show_progress=False).prune(fresh, calibration_ids)
     assert unchanged(reused, weights_of(fresh))
     assert reused.config.quantization_config.pattern == "unstructured"
+
+
+def test_token_ids_from_another_tokenizer_are_refused_before_anything_changes():
+    model = tiny_model("llama")
+    before = weights_of(model)
+    ids = torch.full((2, 16), 500)  # the tiny vocabulary has 96 entries
+    with pytest.raises(ValueError, match="vocabulary has 96 entries: the ids come from another tokenizer"):
+        prune(model, ids, method="wanda")
+    assert unchanged(model, before)

@@ -292,13 +292,21 @@ def test_overwrite_replaces_a_checkpoint_but_never_a_folder_of_other_files(tmp_p
         pruner.quantize(notes, overwrite=True)
     assert all(torch.equal(v, weights[k]) for k, v in dense.state_dict().items()), "refused before pruning"
     assert digest(notes) == before and not leftovers(tmp_path, "notes")
-    # a checkpoint is replaced whole (files of the old one included), and so is an empty folder
+    # a checkpoint is replaced whole (checkpoint files of the old one included), and so is an empty folder
     target = tmp_path / "ckpt"
     save_pretrained_atomically(model, target)
-    (target / "extra.txt").write_text("part of the old checkpoint")
+    (target / "tokenizer.json").write_text("{}")  # a file a save writes: part of the old checkpoint
     other = pruned_model(seed=1)
     save_pretrained_atomically(other, target, overwrite=True)
-    assert not (target / "extra.txt").exists() and same_weights(target, other)
+    assert not (target / "tokenizer.json").exists() and same_weights(target, other)
+    # ...but a checkpoint folder that also holds other things (a clone's .git, training state, notes) is refused
+    (target / ".git").mkdir()
+    (target / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    (target / "optimizer.pt").write_text("state")
+    before = digest(target)
+    with pytest.raises(ValueError, match=r"files a checkpoint save does not write \(.git, optimizer.pt\)"):
+        save_pretrained_atomically(model, target, overwrite=True)
+    assert digest(target) == before
     (tmp_path / "empty").mkdir()
     save_pretrained_atomically(other, tmp_path / "empty", overwrite=True)
     assert same_weights(tmp_path / "empty", other)

@@ -78,7 +78,13 @@ class PruningMethod:
 
 
 def check_blocksize(config: GBLMConfig, blocksize: int, flag: str) -> None:
-    """OBS sweeps select N:M groups inside column blocks: a block must hold whole groups of M."""
+    """OBS sweeps select masks inside column blocks: a block must hold whole N:M groups, and the score methods'
+    mask choices (scope, Wanda's variant) do not apply to them."""
+    if config.scope != "row" or config.use_variant:
+        raise ValueError(
+            f"{config.method} chooses its mask per column block with the OBS saliency; scope='layer' and use_variant "
+            f"apply to score methods (wanda, gblm, ...): leave them at their defaults."
+        )
     nm = config.nm
     if nm is not None and blocksize % nm[1]:
         raise ValueError(

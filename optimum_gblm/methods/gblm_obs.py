@@ -52,14 +52,14 @@ class GBLMOBSOptions:
     blocksize: int = option(128, "columns updated together (N:M: a multiple of M)")
 
     def __post_init__(self) -> None:
-        if self.score not in SCORES:
+        if not isinstance(self.score, str) or self.score not in SCORES:
             raise ValueError(f"gblm_obs score must be one of {sorted(SCORES)}, got {self.score!r}.")
         if self.selection not in SELECTIONS:
             raise ValueError(f"gblm_obs selection must be one of {SELECTIONS}, got {self.selection!r}.")
         self.mu = _parse_mu(self.mu)
         if not isinstance(self.mu_candidates, (list, tuple)) or not self.mu_candidates:
             raise ValueError("gblm_obs mu_candidates must be a non-empty list of numbers >= 0.")
-        self.mu_candidates = [check_number("gblm_obs mu candidate", float(m), 0.0, 1e6) for m in self.mu_candidates]
+        self.mu_candidates = [check_number("gblm_obs mu_candidates entry", m, 0.0, 1e6) for m in self.mu_candidates]
         check_int("gblm_obs folds", self.folds, 2)
         check_int("gblm_obs cv_rows", self.cv_rows, 0)
         self.damping = check_number("gblm_obs damping", self.damping, 1e-9, 1e6)
@@ -102,7 +102,8 @@ class GBLMOBS(PruningMethod):
     @classmethod
     def check_config(cls, config: GBLMConfig) -> None:
         options = config.method_options
-        check_blocksize(config, options["blocksize"], "--gblm-obs-blocksize")
+        if options["selection"] == "joint":  # a fixed mask from a score needs neither
+            check_blocksize(config, options["blocksize"], "--gblm-obs-blocksize")
         if options["mu"] == "auto" and options["folds"] > config.num_samples:
             raise ValueError(
                 f"gblm_obs folds={options['folds']} needs at least that many calibration sequences, num_samples is "
