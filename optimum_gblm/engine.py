@@ -82,16 +82,9 @@ def block_layers(block: nn.Module, targets: list[str] | None = None) -> dict[str
 
 def prunable_modules(model: nn.Module, targets: list[str] | None = None) -> dict[str, nn.Module]:
     """Every prunable linear inside the decoder blocks, by full module name. Embeddings and lm_head never qualify."""
-    prefix, blocks = find_decoder_blocks(model)
-    modules = {
-        f"{prefix}.{i}.{name}": module
-        for i, block in enumerate(blocks)
-        for name, module in block_layers(block, targets).items()
-    }
-    output_weight = getattr(model.get_output_embeddings(), "weight", None) if hasattr(model, "get_output_embeddings") else None
-    input_weight = getattr(model.get_input_embeddings(), "weight", None) if hasattr(model, "get_input_embeddings") else None
-    modules = {n: m for n, m in modules.items() if m.weight is not output_weight and m.weight is not input_weight}
+    modules = {name: module for layers in _layers_by_block(model, targets) for name, module in layers.items()}
     if not modules:
+        prefix, blocks = find_decoder_blocks(model)
         raise ValueError(
             f"no prunable layer matched target_modules={targets!r} inside {prefix}; names look like "
             f"{sorted(block_layers(blocks[0]))[:6]}."
@@ -100,8 +93,18 @@ def prunable_modules(model: nn.Module, targets: list[str] | None = None) -> dict
 
 
 def _layers_by_block(model: nn.Module, targets: list[str] | None = None) -> list[dict[str, nn.Module]]:
+    """The prunable linears of each block in order; a linear whose weight is tied to an embedding is left out (pruning
+    it would prune the embedding), here and so in every pass of the engine."""
     prefix, blocks = find_decoder_blocks(model)
-    return [{f"{prefix}.{i}.{n}": m for n, m in block_layers(block, targets).items()} for i, block in enumerate(blocks)]
+    tied = {
+        id(getattr(get(), "weight", None))
+        for get in (getattr(model, "get_output_embeddings", None), getattr(model, "get_input_embeddings", None))
+        if get is not None and get() is not None
+    }
+    return [
+        {f"{prefix}.{i}.{n}": m for n, m in block_layers(block, targets).items() if id(m.weight) not in tied}
+        for i, block in enumerate(blocks)
+    ]
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:

@@ -37,7 +37,7 @@ from .evaluation import PerplexityResult, perplexity, record_evaluation
 from .hub import push_folder_to_hub
 from .modeling import load_model
 from .options import config_from_arguments, options_from_arguments, runtime_from_arguments
-from .pruner import GBLMPruner
+from .pruner import GBLMPruner, needs_calibration
 
 logger = logging.getLogger(__name__)
 
@@ -271,7 +271,7 @@ def prune_model(model: nn.Module, tokenizer: Any, config: GBLMConfig, runtime: P
     held-out tail: the windows are drawn as for a text file (`data.random_windows`, same seed), from the tokens
     before the tail only. The record names the shipped file and how many tokens were held out."""
     pruner = GBLMPruner(config, runtime=runtime or PruningRuntime())
-    if not is_shipped_text(config.dataset):
+    if not is_shipped_text(config.dataset) or not needs_calibration(config):  # magnitude reads no text at all
         return pruner.prune(model, config.dataset, tokenizer=tokenizer)
     calibration_tokens, _ = split_shipped_text(tokenizer)
     what = f"the shipped calibration text without its last {HELDOUT_TOKENS} tokens"

@@ -410,3 +410,14 @@ def test_a_device_map_naming_an_unavailable_device_is_one_line(model_dir, text_f
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["eval", "--model", str(model_dir), "--data", str(text_file), "--device-map", "cuda:0"]) == 2
     assert "--device-map cuda:0" in one_error_line(capsys.readouterr().err, "eval")
+
+
+def test_magnitude_reads_no_calibration_text_even_by_default(tokenizer):
+    # The default dataset is the shipped novel; magnitude never reads it, so an impossible seqlen is no error.
+    from conftest import tiny_model
+
+    from optimum_gblm import GBLMConfig
+    from optimum_gblm.jobs import prune_model
+
+    model = prune_model(tiny_model("llama"), tokenizer, GBLMConfig(method="magnitude", seqlen=10**7))
+    assert model.config.quantization_config.record.global_sparsity == 0.5
