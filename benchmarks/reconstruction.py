@@ -35,6 +35,10 @@ METHODS = {
     "gblm-obs-joint": {"method": "gblm_obs", "alpha": "auto", "method_options": {"selection": "joint"}},
     # the mu sweep; mu0 is "GBLM's mask with SparseGPT's update" (attribution)
     **{f"gblm-obs-mu{mu:g}": {"method": "gblm_obs", "alpha": "auto", "method_options": {"mu": mu}} for mu in MU_SWEEP},
+    **{
+        f"gblm-obs-joint-mu{mu:g}": {"method": "gblm_obs", "alpha": "auto", "method_options": {"mu": mu, "selection": "joint"}}
+        for mu in MU_SWEEP
+    },
 }
 TEXTS = {
     **{f"{label} (val)": spec for label, spec in common.VALIDATION_FILES.items()},
