@@ -145,8 +145,12 @@ class GBLMOBS(PruningMethod):
     def prune_layer(self, name: str, module: nn.Module, stats: Any, sparsity: float) -> torch.Tensor:
         weight = weight_matrix(module)
         options = self.options
-        score_mask = select_mask(self.importance(name, module, stats), self.config, sparsity)
         mu = options.mu
+        # The score's mask is the mask itself (selection="score") or what cross-validation fits around (mu="auto");
+        # joint selection at a fixed mu needs none.
+        score_mask = None
+        if options.selection == "score" or mu == "auto":
+            score_mask = select_mask(self.importance(name, module, stats), self.config, sparsity)
         if mu == "auto":
             dense = weight.float()
             rows = self._cv_rows(name, dense.shape[0])
