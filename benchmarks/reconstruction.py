@@ -27,18 +27,26 @@ from optimum_gblm.gradients import cached_gradient_norms
 from optimum_gblm.registry import get_method
 
 MU_SWEEP = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+# Labels spell their options out, so a label keeps its meaning when gblm_obs's defaults change (rows resume by label).
+SCORE, JOINT = {"selection": "score"}, {"selection": "joint"}
 METHODS = {
     "wanda": {"method": "wanda"},
     "gblm-auto": {"method": "gblm", "alpha": "auto"},
     "sparsegpt": {"method": "sparsegpt"},
-    "gblm-obs": {"method": "gblm_obs", "alpha": "auto"},
-    "gblm-obs-joint": {"method": "gblm_obs", "alpha": "auto", "method_options": {"selection": "joint"}},
+    # gblm_obs's default recipe (joint selection, mu 1, gradient term) is gblm-obs-joint-mu1
+    "gblm-obs": {"method": "gblm_obs", "alpha": "auto", "method_options": {**SCORE, "mu": "auto"}},
+    "gblm-obs-joint": {"method": "gblm_obs", "alpha": "auto", "method_options": {**JOINT, "mu": "auto"}},
     # the mu sweep; mu0 is "GBLM's mask with SparseGPT's update" (attribution)
-    **{f"gblm-obs-mu{mu:g}": {"method": "gblm_obs", "alpha": "auto", "method_options": {"mu": mu}} for mu in MU_SWEEP},
+    **{f"gblm-obs-mu{mu:g}": {"method": "gblm_obs", "alpha": "auto", "method_options": {**SCORE, "mu": mu}} for mu in MU_SWEEP},
     **{
-        f"gblm-obs-joint-mu{mu:g}": {"method": "gblm_obs", "alpha": "auto", "method_options": {"mu": mu, "selection": "joint"}}
+        f"gblm-obs-joint-mu{mu:g}": {"method": "gblm_obs", "alpha": "auto", "method_options": {**JOINT, "mu": mu}}
         for mu in MU_SWEEP
     },
+    # attribution of the default: no gradient term (SparseGPT's sweep on H + Diag(H), the "one-line damping change"),
+    # its mask with SparseGPT's update (mu 0), and SparseGPT's mask with its update (mu 1)
+    "sparsegpt-mu1": {"method": "gblm_obs", "method_options": {**JOINT, "score": "wanda", "mu": 1.0}},
+    "gblm-obs-joint-mu1-update0": {"method": "gblm_obs", "alpha": "auto", "method_options": {**JOINT, "mu": 1.0, "update_mu": 0.0}},
+    "sparsegpt-update1": {"method": "gblm_obs", "method_options": {**JOINT, "score": "wanda", "mu": 0.0, "update_mu": 1.0}},
 }
 TEXTS = {
     **{f"{label} (val)": spec for label, spec in common.VALIDATION_FILES.items()},

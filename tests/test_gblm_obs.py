@@ -20,7 +20,7 @@ def pruned(method, calibration_ids, pattern="unstructured", **options):
 def test_without_update_it_is_the_score_method(calibration_ids, pattern, score):
     # mu -> inf: U_jk / U_jj -> 0, no compensation: exactly the score method's mask and (to rounding) its weights.
     reference = weights_of(pruned(score, calibration_ids, pattern))
-    model = pruned("gblm_obs", calibration_ids, pattern, score=score, mu=1e9)
+    model = pruned("gblm_obs", calibration_ids, pattern, score=score, selection="score", mu=1e9)
     for name, value in weights_of(model).items():
         assert torch.equal(value == 0, reference[name] == 0), name
         torch.testing.assert_close(value, reference[name], rtol=1e-4, atol=1e-6)
@@ -38,7 +38,7 @@ def test_joint_selection_at_mu_zero_without_gradients_is_sparsegpt(calibration_i
 def test_auto_mu_is_chosen_per_layer_and_recorded(calibration_ids, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    model = pruned("gblm_obs", calibration_ids, mu_candidates=[0.1, 1.0, 10.0], folds=2)
+    model = pruned("gblm_obs", calibration_ids, mu="auto", mu_candidates=[0.1, 1.0, 10.0], folds=2)
     record = model.config.quantization_config.record
     mus = record.layer_settings["mu"]
     assert set(mus) == set(prunable_modules(model)) and set(mus.values()) <= {0.1, 1.0, 10.0}
@@ -60,7 +60,10 @@ def test_options_are_checked():
     with pytest.raises(ValueError, match="gblm_obs score must be one of"):
         GBLMConfig(method="gblm_obs", method_options={"score": "sparsegpt"})
     with pytest.raises(ValueError, match="folds=3 needs at least that many"):
-        GBLMConfig(method="gblm_obs", num_samples=2)
+        GBLMConfig(method="gblm_obs", num_samples=2, method_options={"mu": "auto"})
+    GBLMConfig(method="gblm_obs", num_samples=2)  # a fixed mu needs no folds
+    with pytest.raises(ValueError, match="gblm_obs update_mu must be a number"):
+        GBLMConfig(method="gblm_obs", method_options={"update_mu": -1})
     with pytest.raises(ValueError, match="gblm_obs mu must be a number >= 0 or 'auto'"):
         GBLMConfig(method="gblm_obs", method_options={"mu": -1})
     assert not GBLMConfig(method="gblm_obs", method_options={"score": "wanda"}).options().score == "gblm"
@@ -71,6 +74,30 @@ def test_too_few_sequences_for_the_folds_are_refused_before_any_weight_changes()
     before = weights_of(model)
     ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))  # 2 sequences, 3 folds
     with pytest.raises(ValueError, match="folds=3 needs at least that many calibration sequences, num_samples is 2"):
-        GBLMPruner(GBLMConfig(method="gblm_obs", method_options={"score": "wanda"}), show_progress=False).prune(model, ids)
+        GBLMPruner(GBLMConfig(method="gblm_obs", method_options={"score": "wanda", "mu": "auto"}), show_progress=False).prune(
+            model, ids
+        )
     assert all(torch.equal(before[k], v) for k, v in weights_of(model).items())
     assert getattr(model.config, "quantization_config", None) is None
+
+
+def test_default_is_joint_selection_at_mu_one_with_the_gradient_term(calibration_ids):
+    # The default recipe is the measured one (docs/results.md#gblm_obs): joint mask on H + Diag(H), gradient bonus.
+    options = GBLMConfig(method="gblm_obs").options()
+    assert (options.selection, options.mu, options.update_mu) == ("joint", 1.0, None)
+    default = weights_of(pruned("gblm_obs", calibration_ids))
+    without_gradients = weights_of(pruned("gblm_obs", calibration_ids, score="wanda"))
+    assert any(not torch.equal(default[n] == 0, without_gradients[n] == 0) for n in default), "the gradient term picks"
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_update_mu_refits_the_chosen_mask(calibration_ids, pattern):
+    joint = weights_of(pruned("gblm_obs", calibration_ids, pattern))
+    refit = weights_of(pruned("gblm_obs", calibration_ids, pattern, update_mu=0.0))
+    # Block 0 sees the same inputs in both runs (later blocks see the re-fitted outputs): there the re-fit keeps the
+    # joint mask exactly and changes only the kept values.
+    first_block = [n for n, v in refit.items() if n.startswith("model.layers.0.") and v.dim() == 2]
+    assert first_block
+    for name in first_block:
+        assert torch.equal(refit[name] == 0, joint[name] == 0), name
+        assert not torch.allclose(refit[name], joint[name]), f"{name}: update_mu=0 re-fits the kept weights"

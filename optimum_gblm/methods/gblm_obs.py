@@ -1,24 +1,34 @@
-"""GBLM-OBS: a mask from a score (GBLM by default), then an OBS update of the kept weights on a regularised Hessian.
+"""GBLM-OBS: the OBS sweep on a regularised Hessian, the mask chosen with the update and the gradients (the default),
+or taken from a score (GBLM, Wanda, ...) and only updated.
 
 SparseGPT's update fits the calibration outputs as well as the mask allows (least squares on H): far better than a
 plain mask on text like the calibration data, worse on text far from it. Masking alone (Wanda, GBLM) keeps a
-subnetwork of the dense model, robust but less accurate. This method slides between the two with one number per
-layer: the OBS column sweep runs with the mask fixed on H_mu = H + mu Diag(H) + eps mean(diag H) I, where mu = 0 is
-SparseGPT's update on this mask and mu -> inf no update at all (`optimum_gblm.obs` has the maths).
+subnetwork of the dense model, robust but less accurate. This method slides between the two with one number: the
+OBS column sweep runs on H_mu = H + mu Diag(H) + eps mean(diag H) I, where mu = 0 is SparseGPT's Hessian and
+mu -> inf no update at all (`optimum_gblm.obs` has the maths). mu is relative to each input's own H_jj, so one value
+means the same shrinkage towards the diagonal in every layer: H_mu / (1 + mu) moves H a share mu / (1 + mu) of the way
+to Diag(H) (mu = 1: half way).
 
-mu="auto" chooses mu per layer from the calibration data only: the calibration sequences are dealt into K folds
-(sequence n -> fold n mod K), and for each candidate mu the update fitted on K-1 folds is scored by its output error
-on the held-out fold, computed from the fold Hessians alone (`obs.cross_validated_mu`; ties go to the larger mu).
-mu = 0 always wins in-sample, so only held-out error can choose it. To bound the cost the cross-validation uses a
-seeded sample of `cv_rows` output rows (rows are independent under a fixed mask: the error is a sum over rows).
+selection="joint" (the default) chooses the mask with the update, as SparseGPT does, on H_mu, with the gradient
+term added to the OBS saliency (2 W^2 (2 sqrt(a) alpha G + (alpha G)^2): with a diagonal H the saliency is then twice
+the squared GBLM score, as SparseGPT's is twice Wanda's squared score). selection="score" takes the score's mask and
+only updates the kept weights on it.
 
-selection="joint" instead chooses the mask with the update, as SparseGPT does, on H_mu, with the gradient term
-added to the OBS saliency (2 W^2 (2 sqrt(a) alpha G + (alpha G)^2): with a diagonal H the saliency is then twice the
-squared GBLM score, as SparseGPT's is twice Wanda's squared score).
+The default mu = 1 was chosen on validation text (a held-out Austen novel and the first half of a technical
+handbook; docs/results.md#gblm_obs). mu="auto" chooses mu per layer from the calibration data alone: the calibration
+sequences are dealt into K folds (sequence n -> fold n mod K), and for each candidate mu the update fitted on K-1
+folds is scored by its output error on the held-out fold, computed from the fold Hessians alone
+(`obs.cross_validated_mu`; ties go to the larger mu). It measures over-fitting to the calibration distribution only,
+so it picks small mu (0.03-0.1 on SmolLM2) and does not protect text far from the calibration data: measured, it is
+the weaker choice off-domain. To bound its cost it uses a seeded sample of `cv_rows` output rows.
+
+update_mu, when set, re-fits the kept weights on the chosen mask with that mu instead (attribution: the joint mask
+with SparseGPT's update is update_mu=0).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,8 +53,15 @@ def _parse_mu(value: Any) -> float | str:
 @dataclass
 class GBLMOBSOptions:
     score: str = option("gblm", "score that chooses the mask: gblm, wanda, magnitude, ... (selection=score)")
-    selection: str = option("score", "'score': mask from the score, then update; 'joint': SparseGPT-style", choices=SELECTIONS)
-    mu: float | str = option("auto", "relative damping mu of H + mu Diag(H): 'auto' (cross-validated per layer) or >= 0", parse=_parse_mu)
+    selection: str = option(
+        "joint", "'joint': mask chosen with the update on H_mu, gradient term in the saliency; 'score': the score's mask",
+        choices=SELECTIONS,
+    )
+    mu: float | str = option(
+        1.0, "relative damping mu of H + mu Diag(H), >= 0 (0: SparseGPT's Hessian; 1: half way to the diagonal), or "
+        "'auto' (cross-validated per layer on calibration folds)", parse=_parse_mu,
+    )
+    update_mu: float | None = option(None, "re-fit the kept weights on the chosen mask with this mu (default: mu itself)")
     mu_candidates: list[float] = option([0.03, 0.1, 0.3, 1.0, 3.0], "the mu values mu='auto' chooses among", nargs="+", type=float)
     folds: int = option(3, "folds of calibration sequences for mu='auto' (K >= 2; at most num_samples)")
     cv_rows: int = option(128, "output rows sampled per layer for mu='auto' (0 = all rows)")
@@ -64,6 +81,8 @@ class GBLMOBSOptions:
         check_int("gblm_obs cv_rows", self.cv_rows, 0)
         self.damping = check_number("gblm_obs damping", self.damping, 1e-9, 1e6)
         check_int("gblm_obs blocksize", self.blocksize, 1)
+        if self.update_mu is not None:
+            self.update_mu = check_number("gblm_obs update_mu", self.update_mu, 0.0, math.inf)
 
 
 class FoldHessians:
@@ -95,7 +114,7 @@ class FoldHessians:
 
 @register_method("gblm_obs")
 class GBLMOBS(PruningMethod):
-    help = "GBLM mask + OBS update on a regularised Hessian, mu cross-validated per layer"
+    help = "OBS sweep on H + mu Diag(H): mask chosen with the update and the gradient term (or from a score), then updated"
     Options = GBLMOBSOptions
     needs_gradients = True
 
@@ -177,6 +196,11 @@ class GBLMOBS(PruningMethod):
         else:
             updated, mask = obs_prune(
                 weight, hessian, sparsity, self.config.nm, options.blocksize, options.damping, mu, keep_mask=score_mask, name=name
+            )
+        if options.update_mu is not None:
+            updated, mask = obs_prune(
+                weight, hessian, sparsity, self.config.nm, options.blocksize, options.damping, options.update_mu,
+                keep_mask=mask, name=name,
             )
         weight.copy_(updated.to(weight.dtype))
         return mask
