@@ -133,9 +133,15 @@ def evaluation_tokens(data_dir: str | Path, tokenizer: Any, num_tokens: int, tex
     return tokens
 
 
-def perplexities(model: torch.nn.Module, tokens: dict[str, torch.Tensor], seqlen: int, digits: int | None = None) -> dict[str, float]:
-    """label -> perplexity on non-overlapping windows of `seqlen` (rounded to `digits` when given)."""
-    values = {label: perplexity(model, ids, seqlen=seqlen, show_progress=False).perplexity for label, ids in tokens.items()}
+def perplexities(
+    model: torch.nn.Module, tokens: dict[str, torch.Tensor], seqlen: int, digits: int | None = None, start_token: int | None = None
+) -> dict[str, float]:
+    """label -> perplexity on non-overlapping windows of `seqlen` (rounded to `digits` when given), each window
+    opened by `start_token` when given (`optimum_gblm.data.window_start_token(tokenizer)`)."""
+    values = {
+        label: perplexity(model, ids, seqlen=seqlen, show_progress=False, start_token=start_token).perplexity
+        for label, ids in tokens.items()
+    }
     return values if digits is None else {label: round(value, digits) for label, value in values.items()}
 
 

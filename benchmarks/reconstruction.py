@@ -22,6 +22,7 @@ import compare
 
 from optimum_gblm import GBLMConfig, GBLMPruner, get_calibration_data
 from optimum_gblm.config import parse_pattern
+from optimum_gblm.data import window_start_token
 from optimum_gblm.engine import prunable_modules
 from optimum_gblm.gradients import cached_gradient_norms
 from optimum_gblm.registry import get_method
@@ -67,6 +68,7 @@ def main() -> None:
     modules = prunable_modules(model)
     calibration_text = common.read_texts(args.data_dir, common.SWEEP_CALIBRATION_FILES)
     eval_tokens = common.evaluation_tokens(args.data_dir, tokenizer, args.eval_tokens, TEXTS)
+    start_token = window_start_token(tokenizer)  # BOS per window for Gemma; None for SmolLM2 (its tokenizer adds none)
     settings = {name: getattr(args, name) for name in SETTINGS}
     results_path = Path(args.output).with_suffix(".json")
     rows: list[dict] = common.load_resumable(results_path, settings, empty={"rows": []})["rows"]
@@ -90,7 +92,7 @@ def main() -> None:
         print(compare.report_lines(rows[-1:], list(eval_tokens))[-1], flush=True)
 
     if ("dense", "-", "-") not in done:
-        add_row({"method": "dense", "pattern": "-", "seed": "-", "ppl": common.perplexities(model, eval_tokens, args.eval_seqlen),
+        add_row({"method": "dense", "pattern": "-", "seed": "-", "ppl": common.perplexities(model, eval_tokens, args.eval_seqlen, start_token=start_token),
                  "prune_s": 0.0, "gradient_s": "-", "gradient_rss": "-"})
     with tempfile.TemporaryDirectory(prefix="gblm-obs-bench-") as cache_dir:
         for seed in common.comma_list(args.seeds, int):
@@ -117,7 +119,7 @@ def main() -> None:
                     mus = record.layer_settings.get("mu")
                     add_row({
                         "method": label, "pattern": pattern, "seed": seed,
-                        "ppl": common.perplexities(model, eval_tokens, args.eval_seqlen),
+                        "ppl": common.perplexities(model, eval_tokens, args.eval_seqlen, start_token=start_token),
                         "prune_s": record.timings_seconds["prune"],
                         "gradient_s": gradient_s if get_method(config.method).gradients_needed(config) else "-",
                         "gradient_rss": "-",

@@ -88,12 +88,14 @@ def run_prune(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .data import get_evaluation_tokens
+    from .data import get_evaluation_tokens, window_start_token
     from .evaluation import perplexity
 
     model, tokenizer = load_with_options(options_from_arguments(ModelOptions, args))  # the device is checked first
     tokens = get_evaluation_tokens(args.data, tokenizer)
-    result = perplexity(model, tokens, seqlen=args.seqlen, max_tokens=args.max_tokens)
+    result = perplexity(
+        model, tokens, seqlen=args.seqlen, max_tokens=args.max_tokens, start_token=window_start_token(tokenizer)
+    )
     if args.json:
         print(json.dumps({"model": args.model, "data": args.data, **result.to_dict()}))
     else:

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .data import strip_start_token
+
 
 @dataclass
 class PerplexityResult:
@@ -40,15 +42,22 @@ def perplexity(
     seqlen: int = 2048,
     max_tokens: int | None = None,
     show_progress: bool = True,
+    start_token: int | None = None,
 ) -> PerplexityResult:
-    """Perplexity of `model` on 1-D `token_ids` in non-overlapping windows of `seqlen` (at most `max_tokens`)."""
-    token_ids = token_ids.reshape(-1)
+    """Perplexity of `model` on 1-D `token_ids` in non-overlapping windows of `seqlen` (at most `max_tokens`).
+
+    With `start_token` (the BOS id when the tokenizer starts every text with one: `data.window_start_token`) each
+    window is that token and then the next `seqlen - 1` text tokens, as the model saw texts in training; the same
+    `seqlen - 1` predictions per window are scored either way.
+    """
+    token_ids = strip_start_token(token_ids.reshape(-1), start_token)
     if max_tokens is not None:
         token_ids = token_ids[:max_tokens]
-    num_windows = token_ids.numel() // seqlen
+    width = seqlen - (start_token is not None)
+    num_windows = token_ids.numel() // width
     if num_windows == 0:
         raise ValueError(
-            f"evaluation text is too short: found {token_ids.numel()} tokens, need at least {seqlen} for one window; "
+            f"evaluation text is too short: found {token_ids.numel()} tokens, need at least {width} for one window; "
             f"use more text or a smaller seqlen."
         )
     device = next(model.parameters()).device
@@ -57,13 +66,16 @@ def perplexity(
     total_nll, total_predicted = 0.0, 0
     try:
         for w in tqdm(range(num_windows), desc=f"Perplexity (seqlen {seqlen})", disable=not show_progress):
-            window = token_ids[w * seqlen : (w + 1) * seqlen].unsqueeze(0).to(device)
+            window = token_ids[w * width : (w + 1) * width]
+            if start_token is not None:
+                window = torch.cat([window.new_tensor([start_token]), window])
+            window = window.unsqueeze(0).to(device)
             logits = model(input_ids=window, use_cache=False).logits.float()
             nll = nn.functional.cross_entropy(logits[0, :-1], window[0, 1:], reduction="sum").item()
             if math.isnan(nll):
                 raise ValueError(
-                    f"the model is broken: it gives NaN logits on evaluation window {w} (tokens {w * seqlen}.."
-                    f"{(w + 1) * seqlen}), so no perplexity exists. Check its weights for NaN/inf, or load it in "
+                    f"the model is broken: it gives NaN logits on evaluation window {w} (tokens {w * width}.."
+                    f"{(w + 1) * width}), so no perplexity exists. Check its weights for NaN/inf, or load it in "
                     f"float32 if float16 overflows."
                 )
             total_nll += nll

@@ -32,6 +32,7 @@ from .data import (
     random_windows,
     read_text,
     tokenize,
+    window_start_token,
 )
 from .evaluation import PerplexityResult, perplexity, record_evaluation
 from .hub import push_folder_to_hub
@@ -275,7 +276,9 @@ def prune_model(model: nn.Module, tokenizer: Any, config: GBLMConfig, runtime: P
         return pruner.prune(model, config.dataset, tokenizer=tokenizer)
     calibration_tokens, _ = split_shipped_text(tokenizer)
     what = f"the shipped calibration text without its last {HELDOUT_TOKENS} tokens"
-    windows = random_windows(calibration_tokens, config.num_samples, config.seqlen, config.seed, what)
+    windows = random_windows(
+        calibration_tokens, config.num_samples, config.seqlen, config.seed, what, start_token=window_start_token(tokenizer)
+    )
     pruner.prune(model, windows, tokenizer=tokenizer)
     record = model.config.quantization_config.record
     if record is not None and record.calibration is not None:
@@ -289,6 +292,7 @@ class EvaluationText:
     name: str  # as recorded in config.json and the model card
     tokens: torch.Tensor
     seqlen: int
+    start_token: int | None = None  # BOS before every window when the tokenizer starts texts with one
 
 
 def evaluation_texts(options: EvaluationOptions, tokenizer: Any) -> list[EvaluationText]:
@@ -298,9 +302,10 @@ def evaluation_texts(options: EvaluationOptions, tokenizer: Any) -> list[Evaluat
         return []
     if options.eval_data is None:
         _, heldout = split_shipped_text(tokenizer)
-        return [EvaluationText(HELDOUT_NAME, heldout, options.eval_seqlen or HELDOUT_SEQLEN)]
+        return [EvaluationText(HELDOUT_NAME, heldout, options.eval_seqlen or HELDOUT_SEQLEN, window_start_token(tokenizer))]
     seqlen = options.eval_seqlen or REFERENCE_EVAL_SEQLEN
-    return [EvaluationText(name, get_evaluation_tokens(name, tokenizer), seqlen) for name in options.eval_data]
+    start_token = window_start_token(tokenizer)
+    return [EvaluationText(name, get_evaluation_tokens(name, tokenizer), seqlen, start_token) for name in options.eval_data]
 
 
 def measure(
@@ -308,7 +313,9 @@ def measure(
 ) -> dict[str, PerplexityResult]:
     """Perplexity of `model` on each text."""
     return {
-        text.name: perplexity(model, text.tokens, text.seqlen, options.eval_max_tokens, show_progress=show_progress)
+        text.name: perplexity(
+            model, text.tokens, text.seqlen, options.eval_max_tokens, show_progress=show_progress, start_token=text.start_token
+        )
         for text in texts
     }
 
