@@ -464,25 +464,31 @@ def _detach(value: Any) -> Any:
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor
-) -> tuple[torch.Tensor, tuple, dict[str, Any]]:
-    """Hidden states entering block 0 for every sequence, plus the extra positional and keyword arguments the
-    model passes its blocks (attention mask, position ids / embeddings ...).
+) -> tuple[torch.Tensor, list[tuple], list[dict[str, Any]]]:
+    """Hidden states entering block 0 for every sequence, plus, for every block, the extra positional and keyword
+    arguments the model passes it (attention mask, position ids / embeddings ...).
 
-    Sequences all have the same length and no padding, so those extras are the same for every sequence and are
-    captured once.
+    Those extras differ between blocks in models that mix attention types (Gemma 2/3: sliding-window blocks get a
+    banded mask and local rotary tables, global blocks the causal mask and global tables), so each block's own are
+    captured: the first sequence runs through every block (not the head), the others stop at block 0. Sequences all
+    have the same length and no padding, so the extras are the same for every sequence.
     """
     device = execution_device(model)
     hidden: list[torch.Tensor] = []
-    extras: dict[str, Any] = {}
+    extras: list[tuple[tuple, dict[str, Any]] | None] = [None] * len(blocks)
 
-    def hook(module, args, kwargs):
-        hidden.append(args[0].detach())
-        if not extras:
-            extras["args"] = _detach(tuple(args[1:]))
-            extras["kwargs"] = {k: _detach(v) for k, v in kwargs.items()}
-        raise _Captured
+    def hook(index: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if index == 0:
+            hidden.append(args[0].detach())
+        if extras[index] is None:
+            extras[index] = (_detach(tuple(args[1:])), {k: _detach(v) for k, v in kwargs.items()})
+        if index == len(blocks) - 1 or len(hidden) > 1:
+            raise _Captured
 
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [
+        block.register_forward_pre_hook(lambda m, a, k, i=index: hook(i, m, a, k), with_kwargs=True)
+        for index, block in enumerate(blocks)
+    ]
     try:
         for i in range(input_ids.shape[0]):
             try:
@@ -490,12 +496,22 @@ def capture_block_inputs(
             except _Captured:
                 pass
     finally:
-        handle.remove()
-    kwargs = extras["kwargs"]
-    # Replaying blocks must never grow a KV cache.
-    if "use_cache" in kwargs:
-        kwargs["use_cache"] = False
-    return torch.cat(hidden), extras["args"], kwargs
+        for handle in handles:
+            handle.remove()
+    missing = [index for index, captured in enumerate(extras) if captured is None]
+    if missing:
+        raise ValueError(
+            f"the model's forward never called decoder block(s) {missing}: the engine needs every block called once "
+            f"per forward, in order."
+        )
+    args_per_block, kwargs_per_block = [], []
+    for args, kwargs in extras:
+        # Replaying blocks must never grow a KV cache.
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        args_per_block.append(args)
+        kwargs_per_block.append(kwargs)
+    return torch.cat(hidden), args_per_block, kwargs_per_block
 
 
 def _block_output(output: Any) -> torch.Tensor:
@@ -529,11 +545,12 @@ def run_layerwise(
     try:
         # What runs before block 0 (embeddings, rotary tables, the attention mask) runs where it is; its outputs
         # follow each block to its device below.
-        hidden, args, kwargs = capture_block_inputs(model, blocks, input_ids)
-        for block, layers in zip(tqdm(blocks, desc="Pruning blocks", disable=not show_progress), layers_of):
+        hidden, args_per_block, kwargs_per_block = capture_block_inputs(model, blocks, input_ids)
+        for index, (block, layers) in enumerate(zip(tqdm(blocks, desc="Pruning blocks", disable=not show_progress), layers_of)):
             with OnDevice(block, device):
                 target = device if device is not None else execution_device(block)
-                hidden, args, kwargs = send_to_device(hidden, target), send_to_device(args, target), send_to_device(kwargs, target)
+                hidden = send_to_device(hidden, target)
+                args, kwargs = send_to_device(args_per_block[index], target), send_to_device(kwargs_per_block[index], target)
                 with Onloaded(block) as onloaded:
                     _visit_block(block, layers, visitor, hidden, args, kwargs, onloaded)
                     # The pruned block's outputs become the next block's inputs, overwriting this block's in place.

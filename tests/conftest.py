@@ -24,6 +24,11 @@ _ARCHITECTURES = {
         max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(
         n_embd=HIDDEN, n_layer=LAYERS, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2)),
+    # mixed attention types: block 0 sliding-window (window 4, local rotary tables), block 1 global; the engine must
+    # give each block its own mask and tables
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        _GQA, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)),
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(
         hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
         max_position_embeddings=128, bos_token_id=1, eos_token_id=2)),

@@ -109,6 +109,41 @@ def test_later_blocks_see_the_pruned_outputs_of_earlier_ones(calibration_ids):
     torch.testing.assert_close(seen["model.layers.1.self_attn.q_proj"], expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_replayed_blocks_see_exactly_what_the_model_gives_them(family, calibration_ids):
+    """Without pruning, every layer's input statistic from the block-by-block replay equals the plain forward's:
+    each block gets its own mask and position tables (Gemma 3 mixes sliding-window and global blocks)."""
+    model = tiny_model(family)
+    seen = {}
+
+    class Recorder:
+        collects_inputs = True
+
+        def new_stats(self, name, module):
+            return InputStats(weight_matrix(module).shape[1], module.weight.device)
+
+        def visit_layer(self, name, module, stats):
+            seen[name] = stats.sq_mean.clone()
+
+        def end_block(self):
+            pass
+
+    run_layerwise(model, calibration_ids, Recorder(), show_progress=False)
+    modules = prunable_modules(model)
+    captured = {name: [] for name in modules}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=name: captured[n].append(a[0])) for name, m in modules.items()]
+    with torch.no_grad():
+        for i in range(calibration_ids.shape[0]):
+            model(input_ids=calibration_ids[i : i + 1])
+    for hook in hooks:
+        hook.remove()
+    assert set(seen) == set(modules)
+    for name in modules:
+        inputs = torch.cat(captured[name]).float()
+        expected = inputs.pow(2).reshape(-1, inputs.shape[-1]).sum(0) / calibration_ids.shape[0]
+        torch.testing.assert_close(seen[name], expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_input_stats_running_form_equals_mean_over_sequences():
     torch.manual_seed(0)
     batches = [torch.randn(1, 5, 3), torch.randn(2, 5, 3), torch.randn(1, 5, 3)]
