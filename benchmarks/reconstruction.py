@@ -12,6 +12,7 @@ JSON beside the table as they finish; a rerun with the same settings skips them.
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import common
 import compare
+from common import label_axes, saved_figure
 
 from optimum_gblm import GBLMConfig, GBLMPruner, get_calibration_data
 from optimum_gblm.config import parse_pattern
@@ -91,21 +93,79 @@ def target_lines(rows: list[dict], candidates: tuple[str, ...] = ("gblm-obs-join
     return lines
 
 
+def cost_lines(rows: list[dict], methods: tuple[str, ...] = ("wanda", "sparsegpt", "gblm-obs-joint-mu1")) -> list[str]:
+    """Prune-stage seconds (gradients cached) per method and pattern, mean over the seeds every listed method has,
+    and the ratio to SparseGPT's on those seeds; RSS growth where recorded."""
+    lines = ["", "## Cost of the prune stage (mean over shared seeds; gradients cached)", "",
+             "| method | pattern | seeds | prune s | x SparseGPT | RSS growth GiB |", "|---|---|---|---|---|---|"]
+    for pattern in TARGETS:
+        found = {m: {r["seed"]: r for r in rows if r["method"] == m and r["pattern"] == pattern} for m in methods}
+        seeds = sorted(set.intersection(*(set(f) for f in found.values()))) if all(found.values()) else []
+        if not seeds:
+            continue
+        reference = sum(found["sparsegpt"][s]["prune_s"] for s in seeds) / len(seeds)
+        for m in methods:
+            mean = sum(found[m][s]["prune_s"] for s in seeds) / len(seeds)
+            growth = [found[m][s]["prune_rss_growth_gib"] for s in seeds if "prune_rss_growth_gib" in found[m][s]]
+            lines.append(f"| {m} | {pattern} | {', '.join(map(str, seeds))} | {mean:.1f} | {mean / reference:.2f} | "
+                         f"{max(growth) if growth else '-'} |")
+    return lines
+
+
+def plot_mu_sweep(rows: list[dict], path: str | Path, seed: int = 0) -> None:
+    """In-domain against off-domain ppl of the mu sweep on one seed (validation texts above, test texts below; one
+    column per pattern): the fixed-mask curve with the cross-validated choice marked, the joint-selection curve with
+    the default (mu 1) marked, and the baselines as single points."""
+    texts = (("Northanger Abbey (val)", "Debian handbook (val)"), (IN_DOMAIN, OFF_DOMAIN))
+    patterns = [p for p in TARGETS if any(r["pattern"] == p and r["seed"] == seed for r in rows)]
+    if not patterns:
+        return
+    found = {(r["method"], r["pattern"]): r["ppl"] for r in rows if r["seed"] == seed}
+    curves = {
+        "mask from GBLM, then update (mu 0 .. 10)": [f"gblm-obs-mu{mu:g}" for mu in MU_SWEEP],
+        "mask chosen with the update, gradient term (mu 0 .. 10)": [f"gblm-obs-joint-mu{mu:g}" for mu in MU_SWEEP],
+    }
+    points = {"Wanda": "wanda", "GBLM auto": "gblm-auto", "SparseGPT": "sparsegpt", "SparseGPT on H + Diag(H)": "sparsegpt-mu1",
+              "GBLM mask, mu cross-validated": "gblm-obs", "gblm_obs default (joint, mu 1)": "gblm-obs-joint-mu1"}
+    markers = dict(zip(points, "osDPX*"))
+    with saved_figure(path, rows=2, cols=len(patterns), figsize=(6 * len(patterns), 9.5),
+                      suptitle=f"gblm_obs: in-domain against off-domain perplexity, seed {seed} (lower-left is better)") as (_, axes):
+        for row, (x_text, y_text) in enumerate(texts):
+            for col, pattern in enumerate(patterns):
+                ax = axes[row][col]
+                for label, methods in curves.items():
+                    have = [(m, found[(m, pattern)]) for m in methods if (m, pattern) in found]
+                    if len(have) > 1:
+                        ax.plot([p[x_text] for _, p in have], [p[y_text] for _, p in have], "-", alpha=0.6, label=label)
+                        for m, p in have:
+                            ax.annotate(m.rsplit("mu", 1)[1], (p[x_text], p[y_text]), fontsize=7, alpha=0.7)
+                for label, method in points.items():
+                    if (method, pattern) in found:
+                        p = found[(method, pattern)]
+                        ax.plot(p[x_text], p[y_text], markers[label], markersize=9 if method.endswith("joint-mu1") else 6, label=label)
+                label_axes(ax, f"ppl {x_text}", f"ppl {y_text}", pattern)
+                ax.legend(fontsize=6)
+
+
 def main() -> None:
     args = common.argument_parser(
         __doc__, "data_dir", "model", "gguf_file", "num_samples", "seqlen", "seeds", "eval_seqlen", "patterns", "sparsity",
         methods=dict(default="wanda,gblm-auto,sparsegpt,gblm-obs", help=f"comma-separated, from {','.join(METHODS)}"),
         eval_tokens=dict(type=int, default=4096, help="tokens evaluated per text"),
         output=dict(default="benchmarks/results/reconstruction_smollm2.md"),
+        plot_only=dict(action="store_true", help="redraw the mu-sweep figure from the saved rows and stop"),
     ).parse_args()
     logging.basicConfig(level=logging.WARNING)
+    results_path = Path(args.output).with_suffix(".json")
+    if args.plot_only:
+        plot_mu_sweep(json.loads(results_path.read_text())["rows"], results_path.with_suffix(".png"))
+        return
     model, tokenizer, restore = common.load_dense(args.model, args.gguf_file)
     modules = prunable_modules(model)
     calibration_text = common.read_texts(args.data_dir, common.SWEEP_CALIBRATION_FILES)
     eval_tokens = common.evaluation_tokens(args.data_dir, tokenizer, args.eval_tokens, TEXTS)
     start_token = window_start_token(tokenizer)  # BOS per window for Gemma; None for SmolLM2 (its tokenizer adds none)
     settings = {name: getattr(args, name) for name in SETTINGS}
-    results_path = Path(args.output).with_suffix(".json")
     rows: list[dict] = common.load_resumable(results_path, settings, empty={"rows": []})["rows"]
     header = [
         "# gblm_obs against Wanda, GBLM and SparseGPT",
@@ -122,7 +182,7 @@ def main() -> None:
     def add_row(row: dict) -> None:
         rows.append(row)
         done.add((row["method"], row["pattern"], row["seed"]))
-        common.atomic_write_text(args.output, "\n".join(header + compare.report_lines(rows, list(eval_tokens)) + target_lines(rows)) + "\n")
+        common.atomic_write_text(args.output, "\n".join(header + compare.report_lines(rows, list(eval_tokens)) + target_lines(rows) + cost_lines(rows)) + "\n")
         common.write_json(results_path, {"settings": settings, "rows": rows})
         print(compare.report_lines(rows[-1:], list(eval_tokens))[-1], flush=True)
 
@@ -149,7 +209,8 @@ def main() -> None:
                         cached_gradient_norms(model, calibration, modules, norm="l1", cache_dir=cache_dir, show_progress=False)
                         gradient_s = f"{time.perf_counter() - tick:.1f}"
                         restore()
-                    GBLMPruner(config, cache_dir=cache_dir, show_progress=False).prune(model, calibration)
+                    with common.PeakRSS() as rss:
+                        GBLMPruner(config, cache_dir=cache_dir, show_progress=False).prune(model, calibration)
                     record = model.config.quantization_config.record
                     mus = record.layer_settings.get("mu")
                     add_row({
@@ -158,6 +219,8 @@ def main() -> None:
                         "prune_s": record.timings_seconds["prune"],
                         "gradient_s": gradient_s if get_method(config.method).gradients_needed(config) else "-",
                         "gradient_rss": "-",
+                        # RSS growth over the stage's start (the allocator may reuse memory freed by earlier rows)
+                        "prune_rss_growth_gib": round((rss.peak - rss.start) / 2**30, 3),
                         **({"mu": mus} if mus else {}),
                     })
 
