@@ -49,6 +49,8 @@ METHODS = {
     # its mask with SparseGPT's update (mu 0), and SparseGPT's mask with its update (mu 1)
     "sparsegpt-mu1": {"method": "gblm_obs", "method_options": {**JOINT, "score": "wanda", "mu": 1.0}},
     "gblm-obs-joint-mu1-update0": {"method": "gblm_obs", "alpha": "auto", "method_options": {**JOINT, "mu": 1.0, "update_mu": 0.0}},
+    # the gradient term as a factor on the OBS saliency instead of a bonus in diagonal units
+    "gblm-obs-joint-mu1-scale": {"method": "gblm_obs", "alpha": "auto", "method_options": {**JOINT, "mu": 1.0, "gradient_form": "scale"}},
     "sparsegpt-update1": {"method": "gblm_obs", "method_options": {**JOINT, "score": "wanda", "mu": 0.0, "update_mu": 1.0}},
 }
 TEXTS = {

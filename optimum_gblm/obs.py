@@ -21,7 +21,8 @@ so U_jk / U_jj -> 0: no compensation, W * M, the score method's own weights.
 Joint selection (keep_mask=None) is SparseGPT's: per block, unstructured masks prune the lowest saliency
 w^2 / U_jj^2 (= twice the OBS increase of the output error) over rows x block; N:M masks the n lowest per row in each
 group of m, on the already-updated weights. An optional saliency_bonus (same units, e.g. |W| * alpha * G from
-gradient norms) is added, so weights with a large gradient term are kept.
+gradient norms) is added, or an optional saliency_scale multiplies it (e.g. (1 + alpha G / sqrt(a))^2, which keeps
+the OBS scale of each weight), so weights with a large gradient term are kept.
 
 Choosing mu (cross_validated_mu). H is a sum over sequences, so with K folds of calibration sequences H = sum_k H_k.
 For fold k, update with H - H_k (regularised by mu) and measure the held-out error e_k(mu) = trace(D H_k D^T),
@@ -90,6 +91,7 @@ def _sweep(
     nm: tuple[int, int] | None = None,
     saliency_bonus: Tensor | None = None,
     update: bool = True,
+    saliency_scale: Tensor | None = None,
 ) -> Tensor:
     """The OBS column sweep in place on W (..., d_out, d_in) with U (..., d_in, d_in); returns the pruned mask.
 
@@ -109,6 +111,8 @@ def _sweep(
             pruned1 = torch.zeros_like(W1, dtype=torch.bool)
             if nm is None:
                 saliency = W1**2 / diagonal.unsqueeze(0) ** 2
+                if saliency_scale is not None:
+                    saliency = saliency * saliency_scale[:, start:end]
                 if saliency_bonus is not None:
                     saliency = saliency + saliency_bonus[:, start:end]
                 saliency = saliency.reshape(-1)
@@ -120,6 +124,8 @@ def _sweep(
         for i in range(end - start):
             if joint and nm is not None and i % nm[1] == 0:
                 group = W1[:, i : i + nm[1]] ** 2 / diagonal[i : i + nm[1]].unsqueeze(0) ** 2
+                if saliency_scale is not None:
+                    group = group * saliency_scale[:, start + i : start + i + nm[1]]
                 if saliency_bonus is not None:
                     group = group + saliency_bonus[:, start + i : start + i + nm[1]]
                 lowest = torch.sort(group, dim=1, stable=True).indices[:, : nm[0]]
@@ -153,6 +159,7 @@ def obs_prune(
     saliency_bonus: Tensor | None = None,
     name: str = "layer",
     update: bool = True,
+    saliency_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(updated weight fp32 (d_out, d_in), keep-mask): prune and compensate with the OBS sweep on H_mu.
 
@@ -178,10 +185,12 @@ def obs_prune(
         raise ValueError(f"{nm[0]}:{nm[1]} needs d_in divisible by {nm[1]}; {name} has {W.shape[1]}")
     if saliency_bonus is not None:
         saliency_bonus = saliency_bonus.to(device=W.device, dtype=torch.float32)
+    if saliency_scale is not None:
+        saliency_scale = saliency_scale.to(device=W.device, dtype=torch.float32)
     H, dead = regularised_hessian(hessian, mu, damping)
     W[:, dead] = 0
     U = inverse_hessian_factor(H, name)
-    pruned = _sweep(W, U, blocksize, keep_mask, sparsity, nm, saliency_bonus, update)
+    pruned = _sweep(W, U, blocksize, keep_mask, sparsity, nm, saliency_bonus, update, saliency_scale)
     if not torch.isfinite(W).all():
         raise FloatingPointError(
             f"OBS/SparseGPT produced NaN/inf weights for {name}; use a larger damping "

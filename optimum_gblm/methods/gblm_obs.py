@@ -44,6 +44,7 @@ from ..scores import SCORES, auto_alpha
 from .base import PruningMethod, check_blocksize
 
 SELECTIONS = ("score", "joint")
+GRADIENT_FORMS = ("scale", "bonus")
 
 
 def _parse_mu(value: Any) -> float | str:
@@ -62,6 +63,11 @@ class GBLMOBSOptions:
         "'auto' (cross-validated per layer on calibration folds)", parse=_parse_mu,
     )
     update_mu: float | None = option(None, "re-fit the kept weights on the chosen mask with this mu (default: mu itself)")
+    gradient_form: str = option(
+        "bonus", "joint selection: 'bonus' adds 2 W^2 (2 sqrt(a) alpha G + (alpha G)^2) to the OBS saliency; 'scale' "
+        "multiplies it by (1 + alpha G / sqrt(a))^2, keeping each weight's OBS (correlation-aware) scale",
+        choices=GRADIENT_FORMS,
+    )
     mu_candidates: list[float] = option([0.03, 0.1, 0.3, 1.0, 3.0], "the mu values mu='auto' chooses among", nargs="+", type=float)
     folds: int = option(3, "folds of calibration sequences for mu='auto' (K >= 2; at most num_samples)")
     cv_rows: int = option(128, "output rows sampled per layer for mu='auto' (0 = all rows)")
@@ -71,6 +77,8 @@ class GBLMOBSOptions:
     def __post_init__(self) -> None:
         if not isinstance(self.score, str) or self.score not in SCORES:
             raise ValueError(f"gblm_obs score must be one of {sorted(SCORES)}, got {self.score!r}.")
+        if self.gradient_form not in GRADIENT_FORMS:
+            raise ValueError(f"gblm_obs gradient_form must be one of {GRADIENT_FORMS}, got {self.gradient_form!r}.")
         if self.selection not in SELECTIONS:
             raise ValueError(f"gblm_obs selection must be one of {SELECTIONS}, got {self.selection!r}.")
         self.mu = _parse_mu(self.mu)
@@ -186,12 +194,19 @@ class GBLMOBS(PruningMethod):
         hessian = stats.hessian
         if options.selection == "joint":
             gradient = self._scaled_gradients(name, module, stats)
-            bonus = None
+            bonus = scale = None
             if gradient is not None:
                 activation = stats.sq_mean.sqrt().unsqueeze(0)
-                bonus = 2 * weight.float() ** 2 * (2 * activation * gradient + gradient**2)
+                if options.gradient_form == "scale":
+                    # For a diagonal H this ranks as GBLM's score at any mu; with correlated inputs each weight keeps
+                    # its OBS scale w^2 / [H_mu^-1]_jj, which an additive bonus (diagonal units) would swamp.
+                    scale = (1 + gradient / activation.clamp_min(torch.finfo(torch.float32).tiny)) ** 2
+                    scale = torch.where(activation > 0, scale, torch.ones_like(scale))
+                else:
+                    bonus = 2 * weight.float() ** 2 * (2 * activation * gradient + gradient**2)
             updated, mask = obs_prune(
-                weight, hessian, sparsity, self.config.nm, options.blocksize, options.damping, mu, saliency_bonus=bonus, name=name
+                weight, hessian, sparsity, self.config.nm, options.blocksize, options.damping, mu, saliency_bonus=bonus,
+                name=name, saliency_scale=scale,
             )
         else:
             updated, mask = obs_prune(
