@@ -118,9 +118,11 @@ def test_each_block_is_on_the_compute_device_exactly_for_its_turn(recipe, passes
     n = calibration_ids.shape[0]
     # Only decoder blocks are moved: to the compute device for their turn, then back home, one after the other.
     assert placement.of("to") == [(0, "meta"), (0, "cpu"), (1, "meta"), (1, "cpu")] * passes
-    # Capture runs the embeddings where they are and stops at block 0 before anything moved; then each block runs
-    # twice per sequence (statistics, pruned outputs) alone on the compute device, and is pruned there.
-    assert placement.of("run") == ([(0, frozenset())] * n + [(0, {0})] * 2 * n + [(1, {1})] * 2 * n) * passes
+    # Capture runs where the model is, before anything moved: the first sequence through every block (each block's
+    # own mask and position tables), the others only up to block 0; then each block runs twice per sequence
+    # (statistics, pruned outputs) alone on the compute device, and is pruned there.
+    capture = [(0, frozenset()), (1, frozenset())] + [(0, frozenset())] * (n - 1)
+    assert placement.of("run") == (capture + [(0, {0})] * 2 * n + [(1, {1})] * 2 * n) * passes
     assert placement.of("visit") == ([(0, {0})] * 7 + [(1, {1})] * 7) * passes
     # The activations (hidden states, the blocks' extra arguments) follow each block onto the compute device.
     assert placement.of("send") == ([("meta", {0})] * 3 + [("meta", {1})] * 3) * passes

@@ -328,3 +328,23 @@ def test_joint_selection_with_a_bonus_keeps_the_pattern_and_honours_the_bonus(nm
         assert is_nm(plain, *nm)
     else:
         assert (~plain).sum().item() == W.numel() // 2
+
+
+@pytest.mark.parametrize("mu", [0.0, 1.0, 10.0])
+def test_scaled_gradient_saliency_with_uncorrelated_inputs_is_gblms_nm_mask(mu):
+    # Diagonal H: no compensation, saliency (1 + mu) 2a w^2 (1 + alpha G / sqrt(a))^2 = 2 (1 + mu) GBLM score^2, so
+    # the N:M mask is GBLM's at every mu (SparseGPT's unstructured selection pools rows, so only N:M is per row).
+    from optimum_gblm.masks import nm_mask
+    from optimum_gblm.scores import gblm_score
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(16, 32, generator=generator)
+    sq_mean = torch.rand(32, generator=generator) + 0.1
+    gradient = torch.rand(16, 32, generator=generator) * 0.5  # already times alpha
+    scale = (1 + gradient / sq_mean.sqrt()) ** 2
+    updated, mask = obs_prune(weight, torch.diag(2 * sq_mean), 0.5, (2, 4), blocksize=8, damping=0.0, mu=mu, saliency_scale=scale)
+    assert torch.equal(mask, nm_mask(gblm_score(weight, sq_mean, gradient), 2, 4))
+    torch.testing.assert_close(updated, weight * mask)  # nothing to compensate with uncorrelated inputs
+    # without the gradient factor it is Wanda's mask, which differs here
+    _, wanda_like = obs_prune(weight, torch.diag(2 * sq_mean), 0.5, (2, 4), blocksize=8, damping=0.0, mu=mu)
+    assert not torch.equal(wanda_like, mask)
