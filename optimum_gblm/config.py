@@ -103,6 +103,23 @@ def option(default: Any = dataclasses.MISSING, help: str = "", **metadata: Any) 
     return field(**kwargs)
 
 
+def _fill_absent_options(values: dict[str, Any], default_method: str) -> list[str] | None:
+    """A stored recipe lacking an option that has `absent=` metadata was written before that option existed: give it
+    the value that matches what was done then (e.g. gblm_obs gradient_form="bonus"), not today's default. Returns
+    the stored option keys when something was filled (their checksum covers only those), else None."""
+    stored = values.get("method_options")
+    method = get_method(values.get("method", default_method)) if isinstance(values.get("method", default_method), str) else None
+    options_class = getattr(method, "Options", None)
+    if not isinstance(stored, dict) or not stored or options_class is None:
+        return None
+    absent = {f.name: f.metadata["absent"] for f in dataclasses.fields(options_class) if "absent" in f.metadata}
+    missing = {name: value for name, value in absent.items() if name not in stored}
+    if not missing:
+        return None
+    values["method_options"] = {**stored, **missing}
+    return sorted(stored)
+
+
 def options_dict(options_class: type | None, values: Any, what: str) -> dict[str, Any]:
     """Validate `values` (a mapping or an instance of `options_class`) and return every option, defaults filled in."""
     if options_class is None:
@@ -195,6 +212,7 @@ class GBLMConfig(QuantizationConfigMixin):
 
     def __post_init__(self) -> None:
         self._legacy_recipe: dict[str, Any] | None = None
+        self._stored_option_keys: list[str] | None = None
         self.validate()
 
     # -- validation -------------------------------------------------------------------------------------------
@@ -336,6 +354,10 @@ class GBLMConfig(QuantizationConfigMixin):
         storage must not invalidate its checksum.
         """
         recipe = self.recipe()
+        if self._stored_option_keys is not None:  # written before some of its method's options existed
+            stored = {k: v for k, v in recipe["method_options"].items() if k in self._stored_option_keys}
+            recipe_then = {**recipe, "method_options": stored}
+            return [recipe, recipe_then] + [{k: v for k, v in recipe_then.items() if k != "storage"}]
         others = [{k: v for k, v in recipe.items() if k != "storage"}]
         others += [{**recipe, "storage": storage} for storage in STORAGES if storage != self.storage]
         return [recipe] + ([self._legacy_recipe] if self._legacy_recipe is not None else []) + others
@@ -378,8 +400,10 @@ class GBLMConfig(QuantizationConfigMixin):
         unknown = sorted(set(values) - names)
         if unknown:
             raise ValueError(f"GBLMConfig got unknown keys {unknown}; valid keys are {sorted(names)}.")
+        stored_keys = _fill_absent_options(values, cls.__dataclass_fields__["method"].default)
         config = cls(**values)
         config._legacy_recipe = legacy
+        config._stored_option_keys = stored_keys
         return (config, {}) if return_unused_kwargs else config
 
     def to_json_string(self, use_diff: bool = False) -> str:

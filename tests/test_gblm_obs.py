@@ -62,6 +62,8 @@ def test_options_are_checked():
     with pytest.raises(ValueError, match="folds=3 needs at least that many"):
         GBLMConfig(method="gblm_obs", num_samples=2, method_options={"mu": "auto"})
     GBLMConfig(method="gblm_obs", num_samples=2)  # a fixed mu needs no folds
+    with pytest.raises(ValueError, match="gblm_obs gradient_form must be one of"):
+        GBLMConfig(method="gblm_obs", method_options={"gradient_form": "sum"})
     with pytest.raises(ValueError, match="gblm_obs update_mu must be a number"):
         GBLMConfig(method="gblm_obs", method_options={"update_mu": -1})
     with pytest.raises(ValueError, match="gblm_obs mu must be a number >= 0 or 'auto'"):
@@ -81,13 +83,15 @@ def test_too_few_sequences_for_the_folds_are_refused_before_any_weight_changes()
     assert getattr(model.config, "quantization_config", None) is None
 
 
-def test_default_is_joint_selection_at_mu_one_with_the_gradient_term(calibration_ids):
+def test_default_is_joint_selection_at_mu_one_with_the_gradient_factor(calibration_ids):
     # The default recipe is the measured one (docs/results.md#gblm_obs): joint mask on H + Diag(H), gradient bonus.
     options = GBLMConfig(method="gblm_obs").options()
-    assert (options.selection, options.mu, options.update_mu) == ("joint", 1.0, None)
+    assert (options.selection, options.mu, options.update_mu, options.gradient_form) == ("joint", 1.0, None, "scale")
     default = weights_of(pruned("gblm_obs", calibration_ids))
     without_gradients = weights_of(pruned("gblm_obs", calibration_ids, score="wanda"))
+    as_bonus = weights_of(pruned("gblm_obs", calibration_ids, gradient_form="bonus"))
     assert any(not torch.equal(default[n] == 0, without_gradients[n] == 0) for n in default), "the gradient term picks"
+    assert any(not torch.equal(default[n] == 0, as_bonus[n] == 0) for n in default), "the two forms differ"
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
@@ -101,3 +105,20 @@ def test_update_mu_refits_the_chosen_mask(calibration_ids, pattern):
     for name in first_block:
         assert torch.equal(refit[name] == 0, joint[name] == 0), name
         assert not torch.allclose(refit[name], joint[name]), f"{name}: update_mu=0 re-fits the kept weights"
+
+
+def test_a_checkpoint_written_before_gradient_form_existed_loads_as_the_bonus_it_used():
+    # Such a config.json lists every option of its day; gradient_form and update_mu were added later. Its masks
+    # checksum covers the recipe as written then, and its joint selection added the gradient term as a bonus.
+    config = GBLMConfig(method="gblm_obs", method_options={"gradient_form": "bonus"})
+    stored = config.to_dict()
+    for added in ("gradient_form", "update_mu"):
+        del stored["method_options"][added]
+    recipe_then = {**config.recipe(), "method_options": dict(stored["method_options"])}
+    loaded = GBLMConfig.from_dict(stored)
+    assert loaded.options().gradient_form == "bonus" and loaded.options().update_mu is None
+    assert recipe_then in loaded.checksum_recipes()
+    assert config.recipe() in loaded.checksum_recipes()
+    # a config written today keeps its own recipe, and today's default
+    assert GBLMConfig.from_dict(GBLMConfig(method="gblm_obs").to_dict()).options().gradient_form == "scale"
+    assert recipe_then not in GBLMConfig.from_dict(config.to_dict()).checksum_recipes()

@@ -127,9 +127,10 @@ def test_one_block_onloaded_at_a_time(checkpoint, calibration_ids, tmp_path):
     prune_layers(model, calibration_ids, get_method("wanda")(config), sparsities, show_progress=False)
     for handle in handles:
         handle.remove()
-    # capture stops at block 0 before it runs (nothing onloaded); then each block runs twice per sequence
+    # capture runs the first sequence through both blocks (their own masks and position tables) and the other 3 up
+    # to block 0, each block onloaded only inside its own forward; then each block runs twice per sequence
     # (statistics, pruned outputs) with its own weights, and only its own, onloaded
-    assert seen == [(False, False)] * 4 + [(True, False)] * 8 + [(False, True)] * 8
+    assert seen == [(False, False)] * (2 + 3) + [(True, False)] * 8 + [(False, True)] * 8
     assert all(block.mlp.up_proj.weight.device.type == "meta" for block in blocks)
 
 

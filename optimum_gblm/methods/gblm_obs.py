@@ -10,9 +10,11 @@ means the same shrinkage towards the diagonal in every layer: H_mu / (1 + mu) mo
 to Diag(H) (mu = 1: half way).
 
 selection="joint" (the default) chooses the mask with the update, as SparseGPT does, on H_mu, with the gradient
-term added to the OBS saliency (2 W^2 (2 sqrt(a) alpha G + (alpha G)^2): with a diagonal H the saliency is then twice
-the squared GBLM score, as SparseGPT's is twice Wanda's squared score). selection="score" takes the score's mask and
-only updates the kept weights on it.
+term in the OBS saliency: gradient_form="scale" (the default) multiplies it by (1 + alpha G / sqrt(a))^2, so with a
+diagonal H it ranks weights as the GBLM score does (as SparseGPT's ranks them as Wanda's) while with correlated
+inputs each weight keeps its OBS scale w^2 / [H_mu^-1]_jj; "bonus" adds 2 W^2 (2 sqrt(a) alpha G + (alpha G)^2),
+which is in diagonal units and, where inputs are correlated (1 / [H_mu^-1]_jj far below H_jj), swamps the OBS term
+(measured worse on every validation text). selection="score" takes the score's mask and only updates it.
 
 The default mu = 1 was chosen on validation text (a held-out Austen novel and the first half of a technical
 handbook; docs/results.md#gblm_obs). mu="auto" chooses mu per layer from the calibration data alone: the calibration
@@ -64,9 +66,9 @@ class GBLMOBSOptions:
     )
     update_mu: float | None = option(None, "re-fit the kept weights on the chosen mask with this mu (default: mu itself)")
     gradient_form: str = option(
-        "bonus", "joint selection: 'bonus' adds 2 W^2 (2 sqrt(a) alpha G + (alpha G)^2) to the OBS saliency; 'scale' "
+        "scale", "joint selection: 'bonus' adds 2 W^2 (2 sqrt(a) alpha G + (alpha G)^2) to the OBS saliency; 'scale' "
         "multiplies it by (1 + alpha G / sqrt(a))^2, keeping each weight's OBS (correlation-aware) scale",
-        choices=GRADIENT_FORMS,
+        choices=GRADIENT_FORMS, absent="bonus",  # checkpoints written before the option existed used the bonus
     )
     mu_candidates: list[float] = option([0.03, 0.1, 0.3, 1.0, 3.0], "the mu values mu='auto' chooses among", nargs="+", type=float)
     folds: int = option(3, "folds of calibration sequences for mu='auto' (K >= 2; at most num_samples)")
