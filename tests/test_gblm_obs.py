@@ -64,6 +64,8 @@ def test_options_are_checked():
     GBLMConfig(method="gblm_obs", num_samples=2)  # a fixed mu needs no folds
     with pytest.raises(ValueError, match="gblm_obs gradient_form must be one of"):
         GBLMConfig(method="gblm_obs", method_options={"gradient_form": "sum"})
+    with pytest.raises(ValueError, match="update_mu replaces the update whose mu 'auto' would choose"):
+        GBLMConfig(method="gblm_obs", method_options={"mu": "auto", "update_mu": 0.0})
     with pytest.raises(ValueError, match="gblm_obs update_mu must be a number"):
         GBLMConfig(method="gblm_obs", method_options={"update_mu": -1})
     with pytest.raises(ValueError, match="gblm_obs mu must be a number >= 0 or 'auto'"):
@@ -84,7 +86,7 @@ def test_too_few_sequences_for_the_folds_are_refused_before_any_weight_changes()
 
 
 def test_default_is_joint_selection_at_mu_one_with_the_gradient_factor(calibration_ids):
-    # The default recipe is the measured one (docs/results.md#gblm_obs): joint mask on H + Diag(H), gradient bonus.
+    # The default recipe is the measured one (docs/results.md#gblm_obs): joint mask on H + Diag(H), gradient factor.
     options = GBLMConfig(method="gblm_obs").options()
     assert (options.selection, options.mu, options.update_mu, options.gradient_form) == ("joint", 1.0, None, "scale")
     default = weights_of(pruned("gblm_obs", calibration_ids))
@@ -122,3 +124,27 @@ def test_a_checkpoint_written_before_gradient_form_existed_loads_as_the_bonus_it
     # a config written today keeps its own recipe, and today's default
     assert GBLMConfig.from_dict(GBLMConfig(method="gblm_obs").to_dict()).options().gradient_form == "scale"
     assert recipe_then not in GBLMConfig.from_dict(config.to_dict()).checksum_recipes()
+
+
+def test_the_gradient_factor_is_one_plus_alpha_g_over_sqrt_a_squared(calibration_ids, monkeypatch):
+    import optimum_gblm.methods.gblm_obs as module
+    from optimum_gblm.gradients import compute_gradient_norms
+
+    seen = {}
+    real = module.obs_prune
+
+    def spy(weight, hessian, *args, name="layer", saliency_scale=None, **kwargs):
+        seen[name] = (hessian.clone(), saliency_scale)
+        return real(weight, hessian, *args, name=name, saliency_scale=saliency_scale, **kwargs)
+
+    monkeypatch.setattr(module, "obs_prune", spy)
+    model = tiny_model("llama")
+    norms = compute_gradient_norms(model, calibration_ids, prunable_modules(model), show_progress=False)
+    config = GBLMConfig(method="gblm_obs", alpha=2.0)
+    GBLMPruner(config, use_cache=False, show_progress=False).prune(model, calibration_ids, gradient_norms=norms)
+    assert set(seen) == set(norms)
+    for name, (hessian, scale) in seen.items():
+        sq_mean = torch.diagonal(hessian) / 2  # H = (2/N) sum X^T X, so diag(H) / 2 is a = ||X_j||^2 / N
+        expected = (1 + 2.0 * norms[name].float() / sq_mean.sqrt()) ** 2
+        expected = torch.where(sq_mean > 0, expected, torch.ones_like(expected))
+        torch.testing.assert_close(scale, expected, rtol=1e-4, atol=1e-6, msg=name)

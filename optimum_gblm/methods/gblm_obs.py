@@ -93,6 +93,11 @@ class GBLMOBSOptions:
         check_int("gblm_obs blocksize", self.blocksize, 1)
         if self.update_mu is not None:
             self.update_mu = check_number("gblm_obs update_mu", self.update_mu, 0.0, math.inf)
+            if self.mu == "auto":
+                raise ValueError(
+                    "gblm_obs update_mu replaces the update whose mu 'auto' would choose (and record): set a number "
+                    "for mu, or drop update_mu."
+                )
 
 
 class FoldHessians:
