@@ -104,8 +104,10 @@ def target_lines(rows: list[dict], candidates: tuple[str, ...] = ("gblm-obs-join
 
 def cost_lines(rows: list[dict], methods: tuple[str, ...] = ("wanda", "sparsegpt", "gblm-obs-joint-mu1-scale")) -> list[str]:
     """Prune-stage seconds (gradients cached) per method and pattern, mean over the seeds every listed method has,
-    and the ratio to SparseGPT's on those seeds; RSS growth where recorded."""
-    lines = ["", "## Cost of the prune stage (mean over shared seeds; gradients cached)", "",
+    and the ratio to SparseGPT's on those seeds; RSS growth where recorded. Rows marked "timing": "noisy" (run beside
+    another job on the same cores) are left out: their perplexities stand, their seconds do not."""
+    rows = [r for r in rows if r.get("timing") != "noisy"]
+    lines = ["", "## Cost of the prune stage (mean over shared seeds; gradients cached; rows timed beside other jobs left out)", "",
              "| method | pattern | seeds | prune s | x SparseGPT | RSS growth GiB |", "|---|---|---|---|---|---|"]
     for pattern in TARGETS:
         found = {m: {r["seed"]: r for r in rows if r["method"] == m and r["pattern"] == pattern} for m in methods}
