@@ -78,26 +78,33 @@ def test_same_seed_same_masks(method, tokenizer, tmp_path):
     assert any(not torch.equal(masks[0][n], masks[2][n]) for n in masks[0])
 
 
+class Recorder:
+    """A layer visitor that records each layer's input statistic in `seen` (and zeroes every other input column of
+    the layer when `prune_half`)."""
+
+    collects_inputs = True
+
+    def __init__(self, seen: dict, prune_half: bool = False):
+        self.seen, self.prune_half = seen, prune_half
+
+    def new_stats(self, name, module):
+        return InputStats(weight_matrix(module).shape[1], module.weight.device)
+
+    def visit_layer(self, name, module, stats):
+        self.seen[name] = stats.sq_mean.clone()
+        if self.prune_half:
+            with torch.no_grad():
+                weight_matrix(module)[:, ::2] = 0
+
+    def end_block(self):
+        pass
+
+
 def test_later_blocks_see_the_pruned_outputs_of_earlier_ones(calibration_ids):
     """The statistic behind block 1's q_proj must come from block 0 *after* pruning."""
     model = tiny_model("llama")
     seen = {}
-
-    class Recorder:
-        collects_inputs = True
-
-        def new_stats(self, name, module):
-            return InputStats(weight_matrix(module).shape[1], module.weight.device)
-
-        def visit_layer(self, name, module, stats):
-            seen[name] = stats.sq_mean.clone()
-            with torch.no_grad():
-                weight_matrix(module)[:, ::2] = 0
-
-        def end_block(self):
-            pass
-
-    run_layerwise(model, calibration_ids, Recorder(), show_progress=False)
+    run_layerwise(model, calibration_ids, Recorder(seen, prune_half=True), show_progress=False)
     # Block 1's q_proj input depends only on the (now pruned) block 0.
     captured = []
     hook = model.model.layers[1].self_attn.q_proj.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
@@ -115,20 +122,7 @@ def test_replayed_blocks_see_exactly_what_the_model_gives_them(family, calibrati
     each block gets its own mask and position tables (Gemma 3 mixes sliding-window and global blocks)."""
     model = tiny_model(family)
     seen = {}
-
-    class Recorder:
-        collects_inputs = True
-
-        def new_stats(self, name, module):
-            return InputStats(weight_matrix(module).shape[1], module.weight.device)
-
-        def visit_layer(self, name, module, stats):
-            seen[name] = stats.sq_mean.clone()
-
-        def end_block(self):
-            pass
-
-    run_layerwise(model, calibration_ids, Recorder(), show_progress=False)
+    run_layerwise(model, calibration_ids, Recorder(seen), show_progress=False)
     modules = prunable_modules(model)
     captured = {name: [] for name in modules}
     hooks = [m.register_forward_pre_hook(lambda m, a, n=name: captured[n].append(a[0])) for name, m in modules.items()]
