@@ -169,6 +169,9 @@ def main() -> None:
     ).parse_args()
     logging.basicConfig(level=logging.WARNING)
     results_path = Path(args.output).with_suffix(".json")
+    if args.report_only:  # the header states the saved run's settings, not this command's defaults
+        for name, value in json.loads(results_path.read_text())["settings"].items():
+            setattr(args, name, value)
     header = [
         "# gblm_obs against Wanda, GBLM and SparseGPT",
         "",
