@@ -145,6 +145,13 @@ def strip_start_token(token_ids: torch.Tensor, start_token: int | None) -> torch
     return token_ids
 
 
+def window_at(token_ids: torch.Tensor, start: int, seqlen: int, start_token: int | None = None) -> torch.Tensor:
+    """The window of `seqlen` tokens at `start`; with `start_token`, that token and then `seqlen - 1` text tokens."""
+    if start_token is None:
+        return token_ids[start : start + seqlen]
+    return torch.cat([token_ids.new_tensor([start_token]), token_ids[start : start + seqlen - 1]])
+
+
 def random_windows(
     token_ids: torch.Tensor,
     num_samples: int,
@@ -165,8 +172,7 @@ def random_windows(
         )
     rng = random.Random(seed)
     starts = [rng.randint(0, total - width - 1) for _ in range(num_samples)]
-    prefix = token_ids.new_tensor([start_token] if start_token is not None else [])
-    return torch.stack([torch.cat([prefix, token_ids[s : s + width]]) for s in starts])
+    return torch.stack([window_at(token_ids, s, seqlen, start_token) for s in starts])
 
 
 # -- token ids as users have them -------------------------------------------------------------------------------
@@ -330,7 +336,7 @@ def _c4_windows(tokenizer: Any, num_samples: int, seqlen: int, seed: int) -> tor
     documents = load_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
     rng = random.Random(seed)
     start_token = window_start_token(tokenizer)
-    width, prefix = seqlen - (start_token is not None), torch.tensor([start_token] if start_token is not None else [], dtype=torch.long)
+    width = seqlen - (start_token is not None)
     windows = []
     for _ in range(num_samples):
         while True:
@@ -339,7 +345,7 @@ def _c4_windows(tokenizer: Any, num_samples: int, seqlen: int, seed: int) -> tor
             if ids.numel() > width:
                 break
         start = rng.randint(0, ids.numel() - width - 1)
-        windows.append(torch.cat([prefix, ids[start : start + width]]))
+        windows.append(window_at(ids, start, seqlen, start_token))
     return torch.stack(windows)
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import strip_start_token
+from .data import strip_start_token, window_at
 
 
 @dataclass
@@ -66,10 +66,7 @@ def perplexity(
     total_nll, total_predicted = 0.0, 0
     try:
         for w in tqdm(range(num_windows), desc=f"Perplexity (seqlen {seqlen})", disable=not show_progress):
-            window = token_ids[w * width : (w + 1) * width]
-            if start_token is not None:
-                window = torch.cat([window.new_tensor([start_token]), window])
-            window = window.unsqueeze(0).to(device)
+            window = window_at(token_ids, w * width, seqlen, start_token).unsqueeze(0).to(device)
             logits = model(input_ids=window, use_cache=False).logits.float()
             nll = nn.functional.cross_entropy(logits[0, :-1], window[0, 1:], reduction="sum").item()
             if math.isnan(nll):
