@@ -160,6 +160,7 @@ def obs_prune(
     name: str = "layer",
     update: bool = True,
     saliency_scale: Tensor | None = None,
+    refit_steps: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """(updated weight fp32 (d_out, d_in), keep-mask): prune and compensate with the OBS sweep on H_mu.
 
@@ -168,7 +169,8 @@ def obs_prune(
     re-selection, only the update (`sparsity`, `nm`, `saliency_bonus` are then unused). `damping` is eps. Dead
     inputs (H_jj = 0) get a zero column as in SparseGPT. update=False or mu=inf with a keep_mask returns exactly
     weight * keep_mask (dead columns untouched: the score method's weights); with update=False and no keep_mask the
-    mask is chosen by the saliency of the un-updated weights.
+    mask is chosen by the saliency of the un-updated weights. refit_steps > 0 then solves the kept weights exactly on
+    the mask under H_mu (`refit_kept_weights`, started from the sweep's); 0 leaves the sweep's (SparseGPT's) weights.
     """
     W = weight.detach().float().clone(memory_format=torch.contiguous_format)
     if keep_mask is not None:
@@ -189,14 +191,49 @@ def obs_prune(
         saliency_scale = saliency_scale.to(device=W.device, dtype=torch.float32)
     H, dead = regularised_hessian(hessian, mu, damping)
     W[:, dead] = 0
+    target = W.clone() if update and refit_steps else None
     U = inverse_hessian_factor(H, name)
     pruned = _sweep(W, U, blocksize, keep_mask, sparsity, nm, saliency_bonus, update, saliency_scale)
+    if target is not None:
+        W = refit_kept_weights(target, W, ~pruned, H, refit_steps)
     if not torch.isfinite(W).all():
         raise FloatingPointError(
             f"OBS/SparseGPT produced NaN/inf weights for {name}; use a larger damping "
             f"(the method's damping option, e.g. method_options={{'damping': 0.1}} or --sparsegpt-damping 0.1) or float32 weights."
         )
     return W, ~pruned
+
+
+@torch.no_grad()
+def refit_kept_weights(target: Tensor, weight: Tensor, keep_mask: Tensor, hessian: Tensor, steps: int) -> Tensor:
+    """The kept weights solved exactly: argmin trace((target - X) H (target - X)^T) over X zero off keep_mask, by
+    `steps` of Jacobi-preconditioned conjugate gradients per row, started from `weight` (the sweep's result).
+
+    The sweep fixes each column once, compensating only with later columns, so its kept weights are a greedy
+    approximation of this least-squares fit; CG on the mask's subspace (a linear space per row) lowers the objective
+    at every step and reaches the fit in at most d_in steps. H is the already regularised Hessian (H_mu): with
+    mu -> inf it is diagonal and the fit is target * mask, the score method's weights; with mu = 0 it is the
+    calibration outputs' least-squares fit on the mask. One step costs one (d_out, d_in) x (d_in, d_in) product.
+    Rows are independent (each has its own step sizes); a row whose residual is exactly 0 stays put.
+    """
+    keep = keep_mask.to(dtype=weight.dtype)
+    X = weight * keep
+    inverse_diagonal = 1 / torch.diagonal(hessian).clamp_min(torch.finfo(torch.float32).tiny)
+    residual = ((target - X) @ hessian) * keep  # minus the gradient, projected on the mask
+    direction = residual * inverse_diagonal
+    residual_dot = (residual * direction).sum(1, keepdim=True)
+    for _ in range(steps):
+        product = (direction @ hessian) * keep
+        curvature = (direction * product).sum(1, keepdim=True)
+        step = torch.where(curvature > 0, residual_dot / curvature.clamp_min(torch.finfo(torch.float32).tiny), 0)
+        X += step * direction
+        residual -= step * product
+        preconditioned = residual * inverse_diagonal
+        new_dot = (residual * preconditioned).sum(1, keepdim=True)
+        beta = torch.where(residual_dot > 0, new_dot / residual_dot.clamp_min(torch.finfo(torch.float32).tiny), 0)
+        direction = preconditioned + beta * direction
+        residual_dot = new_dot
+    return X
 
 
 def sparsegpt_prune(

@@ -109,16 +109,28 @@ def test_update_mu_refits_the_chosen_mask(calibration_ids, pattern):
         assert not torch.allclose(refit[name], joint[name]), f"{name}: update_mu=0 re-fits the kept weights"
 
 
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_refit_steps_solve_the_kept_weights_on_the_same_mask(calibration_ids, pattern):
+    swept = weights_of(pruned("gblm_obs", calibration_ids, pattern, refit_steps=0))
+    refit = weights_of(pruned("gblm_obs", calibration_ids, pattern, refit_steps=5))
+    first_block = [n for n, v in refit.items() if n.startswith("model.layers.0.") and v.dim() == 2]
+    assert first_block
+    for name in first_block:  # block 0 sees the same inputs in both runs, so the same joint mask
+        assert torch.equal(refit[name] == 0, swept[name] == 0), name
+        assert not torch.allclose(refit[name], swept[name]), f"{name}: the refit moves the kept weights"
+
+
 def test_a_checkpoint_written_before_gradient_form_existed_loads_as_the_bonus_it_used():
     # Such a config.json lists every option of its day; gradient_form and update_mu were added later. Its masks
     # checksum covers the recipe as written then, and its joint selection added the gradient term as a bonus.
     config = GBLMConfig(method="gblm_obs", method_options={"gradient_form": "bonus"})
     stored = config.to_dict()
-    for added in ("gradient_form", "update_mu"):
+    for added in ("gradient_form", "update_mu", "refit_steps"):
         del stored["method_options"][added]
     recipe_then = {**config.recipe(), "method_options": dict(stored["method_options"])}
     loaded = GBLMConfig.from_dict(stored)
     assert loaded.options().gradient_form == "bonus" and loaded.options().update_mu is None
+    assert loaded.options().refit_steps == 0, "no checkpoint before the option refitted"
     assert recipe_then in loaded.checksum_recipes()
     assert config.recipe() in loaded.checksum_recipes()
     # a config written today keeps its own recipe, and today's default

@@ -11,6 +11,7 @@ from optimum_gblm.obs import (
     cross_validated_mu,
     inverse_hessian_factor,
     obs_prune,
+    refit_kept_weights,
     regularised_hessian,
     sparsegpt_prune,
 )
@@ -235,7 +236,85 @@ def test_a_moderate_mu_generalises_better_than_no_update_and_mu_zero(seed):
     assert in_domain[0.0] < in_domain[1.0], "mu = 0 is the better fit of the calibration data itself"
 
 
-# --- (d) cross-validation ---
+# --- (d) the exact refit of the kept weights ---
+
+
+def _least_squares_on_mask(target: torch.Tensor, keep: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """Row by row, the hand solution: x_K H_KK = (t H)_K, x zero elsewhere (float64)."""
+    target, hessian = target.double(), hessian.double()
+    solution = torch.zeros_like(target)
+    for row in range(target.shape[0]):
+        kept = keep[row].nonzero().squeeze(1)
+        rhs = target[row] @ hessian[:, kept]
+        solution[row, kept] = torch.linalg.solve(hessian[kept][:, kept], rhs)
+    return solution.float()
+
+
+def test_refit_reaches_the_least_squares_fit_on_the_mask_and_every_step_lowers_the_error():
+    X = correlated_inputs(256, 12, seed=0)
+    H = hessian_of(X)
+    g = torch.Generator().manual_seed(1)
+    target = torch.randn(5, 12, generator=g)
+    keep = torch.rand(5, 12, generator=g) > 0.5
+    start = target * keep
+    exact = _least_squares_on_mask(target, keep, H)
+    errors = [output_error(target, refit_kept_weights(target, start, keep, H, steps), H) for steps in range(13)]
+    assert errors[0] == pytest.approx(output_error(target, start, H))
+    assert all(later <= earlier * (1 + 1e-5) for earlier, later in zip(errors, errors[1:])), errors
+    assert errors[-1] < 0.9 * errors[0], "correlated inputs: the fit must move the kept weights"
+    refit = refit_kept_weights(target, start, keep, H, 12)  # CG ends in at most (kept entries per row) steps
+    assert (refit[~keep] == 0).all(), "pruned weights stay pruned"
+    torch.testing.assert_close(refit, exact, rtol=1e-3, atol=1e-4)
+
+
+def test_refit_with_a_diagonal_hessian_is_the_score_methods_weights():
+    # With no correlations nothing can compensate a pruned input: the fit is the target on the mask, in one
+    # (Jacobi-preconditioned) step from anywhere.
+    g = torch.Generator().manual_seed(2)
+    target, elsewhere = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    keep = torch.rand(4, 8, generator=g) > 0.5
+    H = torch.diag(torch.linspace(0.5, 3.0, 8))
+    torch.testing.assert_close(refit_kept_weights(target, elsewhere, keep, H, 1), target * keep)
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_obs_prune_refit_keeps_the_sweeps_mask_and_lowers_its_error(nm):
+    X = correlated_inputs(512, 16, seed=3)
+    H = hessian_of(X)
+    W = torch.randn(6, 16, generator=torch.Generator().manual_seed(4))
+    for mu in (0.0, 1.0):
+        swept, keep = obs_prune(W, H, 0.5, nm, blocksize=8, mu=mu)
+        refit, refit_keep = obs_prune(W, H, 0.5, nm, blocksize=8, mu=mu, refit_steps=16)
+        assert torch.equal(keep, refit_keep), "the refit changes values, not the mask"
+        assert (refit[~keep] == 0).all()
+        H_mu, _ = regularised_hessian(H, mu)
+        assert output_error(W, refit, H_mu) < output_error(W, swept, H_mu), f"mu={mu}: the sweep is greedy"
+        torch.testing.assert_close(refit, _least_squares_on_mask(W, keep, H_mu), rtol=1e-3, atol=1e-4)
+    # the default (no refit) is still SparseGPT bit for bit
+    assert torch.equal(obs_prune(W, H, 0.5, nm, blocksize=8)[0], sparsegpt_prune(W, H, 0.5, nm, blocksize=8)[0])
+    # no update means no refit either: the score method's weights
+    keep = torch.rand(6, 16, generator=torch.Generator().manual_seed(5)) > 0.5
+    assert torch.equal(obs_prune(W, H, 0.5, mu=math.inf, keep_mask=keep, refit_steps=8)[0], W * keep)
+
+
+def test_a_refit_moderate_mu_still_generalises_better_than_no_update_and_mu_zero():
+    # The shift test of (c), with the kept weights solved exactly: regularisation, not the solver, protects held-out
+    # text, so the exact fit at mu = 1 must still beat both ends.
+    train = paired_inputs(2048, 16, 0.99, seed=0)
+    held_out = paired_inputs(2048, 16, 0.5, seed=100)
+    H_train, H_held_out = hessian_of(train), hessian_of(held_out)
+    W = torch.randn(8, 32, generator=torch.Generator().manual_seed(1))
+    keep = torch.zeros_like(W, dtype=torch.bool)
+    keep[:, 1::2] = True
+    error = {
+        mu: output_error(W, obs_prune(W, H_train, 0.5, mu=mu, keep_mask=keep, refit_steps=32)[0], H_held_out)
+        for mu in (0.0, 1.0, math.inf)
+    }
+    assert error[1.0] < 0.85 * error[0.0]
+    assert error[1.0] < 0.85 * error[math.inf]
+
+
+# --- (e) cross-validation ---
 
 
 def fold_hessians(sequences: list[torch.Tensor], folds: int) -> list[torch.Tensor]:

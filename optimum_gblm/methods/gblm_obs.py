@@ -70,6 +70,10 @@ class GBLMOBSOptions:
         "multiplies it by (1 + alpha G / sqrt(a))^2, keeping each weight's OBS (correlation-aware) scale",
         choices=GRADIENT_FORMS, absent="bonus",  # checkpoints written before the option existed used the bonus
     )
+    refit_steps: int = option(
+        0, "after the sweep, solve the kept weights exactly on the mask under H_mu with this many conjugate-gradient "
+        "steps (0: the sweep's weights, SparseGPT's update)", absent=0,  # checkpoints written before it did not refit
+    )
     mu_candidates: list[float] = option([0.03, 0.1, 0.3, 1.0, 3.0], "the mu values mu='auto' chooses among", nargs="+", type=float)
     folds: int = option(3, "folds of calibration sequences for mu='auto' (K >= 2; at most num_samples)")
     cv_rows: int = option(128, "output rows sampled per layer for mu='auto' (0 = all rows)")
@@ -91,6 +95,7 @@ class GBLMOBSOptions:
         check_int("gblm_obs cv_rows", self.cv_rows, 0)
         self.damping = check_number("gblm_obs damping", self.damping, 1e-9, 1e6)
         check_int("gblm_obs blocksize", self.blocksize, 1)
+        check_int("gblm_obs refit_steps", self.refit_steps, 0)
         if self.update_mu is not None:
             self.update_mu = check_number("gblm_obs update_mu", self.update_mu, 0.0, math.inf)
             if self.mu == "auto":
@@ -213,16 +218,17 @@ class GBLMOBS(PruningMethod):
                     bonus = 2 * weight.float() ** 2 * (2 * activation * gradient + gradient**2)
             updated, mask = obs_prune(
                 weight, hessian, sparsity, self.config.nm, options.blocksize, options.damping, mu, saliency_bonus=bonus,
-                name=name, saliency_scale=scale,
+                name=name, saliency_scale=scale, refit_steps=options.refit_steps,
             )
         else:
             updated, mask = obs_prune(
-                weight, hessian, sparsity, self.config.nm, options.blocksize, options.damping, mu, keep_mask=score_mask, name=name
+                weight, hessian, sparsity, self.config.nm, options.blocksize, options.damping, mu, keep_mask=score_mask,
+                name=name, refit_steps=options.refit_steps,
             )
         if options.update_mu is not None:
             updated, mask = obs_prune(
                 weight, hessian, sparsity, self.config.nm, options.blocksize, options.damping, options.update_mu,
-                keep_mask=mask, name=name,
+                keep_mask=mask, name=name, refit_steps=options.refit_steps,
             )
         weight.copy_(updated.to(weight.dtype))
         return mask
