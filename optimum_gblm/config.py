@@ -354,13 +354,15 @@ class GBLMConfig(QuantizationConfigMixin):
         storage must not invalidate its checksum.
         """
         recipe = self.recipe()
+        bases = [recipe]
         if self._stored_option_keys is not None:  # written before some of its method's options existed
             stored = {k: v for k, v in recipe["method_options"].items() if k in self._stored_option_keys}
-            recipe_then = {**recipe, "method_options": stored}
-            return [recipe, recipe_then] + [{k: v for k, v in recipe_then.items() if k != "storage"}]
-        others = [{k: v for k, v in recipe.items() if k != "storage"}]
-        others += [{**recipe, "storage": storage} for storage in STORAGES if storage != self.storage]
-        return [recipe] + ([self._legacy_recipe] if self._legacy_recipe is not None else []) + others
+            bases.append({**recipe, "method_options": stored})
+        candidates = bases + ([self._legacy_recipe] if self._legacy_recipe is not None else [])
+        for base in bases:
+            candidates.append({k: v for k, v in base.items() if k != "storage"})
+            candidates += [{**base, "storage": storage} for storage in STORAGES if storage != self.storage]
+        return candidates
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):

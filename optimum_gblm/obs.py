@@ -238,10 +238,11 @@ def refit_kept_weights(target: Tensor, weight: Tensor, keep_mask: Tensor, hessia
 
 def sparsegpt_prune(
     weight: Tensor, hessian: Tensor, sparsity: float, nm: tuple[int, int] | None = None,
-    blocksize: int = 128, damping: float = 0.01, name: str = "layer",
+    blocksize: int = 128, damping: float = 0.01, name: str = "layer", refit_steps: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """SparseGPT: obs_prune with mu=0 and the mask chosen jointly; (pruned and updated W fp32, keep-mask)."""
-    return obs_prune(weight, hessian, sparsity, nm, blocksize, damping, name=name)
+    """SparseGPT: obs_prune with mu=0 and the mask chosen jointly; (pruned and updated W fp32, keep-mask).
+    refit_steps > 0 then solves the kept weights exactly (least squares on H) on SparseGPT's mask."""
+    return obs_prune(weight, hessian, sparsity, nm, blocksize, damping, name=name, refit_steps=refit_steps)
 
 
 @torch.no_grad()

@@ -152,7 +152,7 @@ def test_method_and_profile_options_reach_the_checkpoint_and_its_reproduce_line(
              "--sparsity-profile", "owl", "--owl-threshold", "3", "--owl-spread", "0.05"]
     assert main(prune_args(model_dir, text_file, output, *extra)) == 0
     saved = GBLMConfig.from_dict(json.loads((output / "config.json").read_text())["quantization_config"])
-    assert saved.method_options == {"damping": 0.05, "blocksize": 8}
+    assert saved.method_options == {"damping": 0.05, "blocksize": 8, "refit_steps": 0}
     assert saved.profile_options == {"threshold": 3.0, "spread": 0.05}
     # The card's reproduce line parses with today's CLI and gives back the saved recipe.
     card = (output / "README.md").read_text()

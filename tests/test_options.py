@@ -119,7 +119,7 @@ def test_an_option_of_another_method_is_refused_by_name():
     with pytest.raises(ValueError, match=r"--sparsegpt-damping \(only with --method sparsegpt\).*--owl-spread"):
         options.config_from_arguments(parsed)
     parsed = config_parser().parse_args(["--method", "sparsegpt", "--sparsegpt-damping", "0.1"])
-    assert options.config_from_arguments(parsed).method_options == {"damping": 0.1, "blocksize": 128}
+    assert options.config_from_arguments(parsed).method_options == {"damping": 0.1, "blocksize": 128, "refit_steps": 0}
 
 
 def test_bad_values_are_usage_errors():

@@ -111,3 +111,26 @@ def test_config_checks_sparsegpt_settings():
         GBLMConfig(method="sparsegpt", method_options={"damping": 0})
     with pytest.raises(ValueError, match="multiple of M=8"):
         GBLMConfig(method="sparsegpt", pattern="4:8", method_options={"blocksize": 12})
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_sparsegpt_refit_keeps_its_mask_and_is_gblm_obs_at_mu_zero(pattern):
+    ids = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for label, method, options in (
+        ("published", "sparsegpt", {}),
+        ("refit", "sparsegpt", {"refit_steps": 8}),
+        ("gblm_obs", "gblm_obs", {"score": "wanda", "mu": 0.0, "refit_steps": 8}),
+    ):
+        model = tiny_model("llama")
+        config = GBLMConfig(method=method, pattern=pattern, sparsity=0.5, method_options=options)
+        GBLMPruner(config, show_progress=False).prune(model, ids)
+        results[label] = weights_of(model)
+    first_block = [n for n, v in results["refit"].items() if n.startswith("model.layers.0.") and v.dim() == 2]
+    for name in first_block:  # block 0 sees the same inputs in every run
+        assert torch.equal(results["refit"][name] == 0, results["published"][name] == 0), name
+        assert not torch.allclose(results["refit"][name], results["published"][name]), name
+    for name, value in results["refit"].items():  # the same fit, the Hessian summed in another order
+        torch.testing.assert_close(value, results["gblm_obs"][name], rtol=1e-3, atol=1e-5)
+    with pytest.raises(ValueError, match="sparsegpt refit_steps must be an integer >= 0"):
+        GBLMConfig(method="sparsegpt", method_options={"refit_steps": -1})

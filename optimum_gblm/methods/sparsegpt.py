@@ -20,12 +20,17 @@ from .base import PruningMethod, check_blocksize
 class SparseGPTOptions:
     damping: float = option(0.01, "dampening added to the Hessian, as a share of its mean diagonal")
     blocksize: int = option(128, "columns pruned and updated together (N:M: a multiple of M)")
+    refit_steps: int = option(
+        0, "after the sweep, solve the kept weights exactly on the mask (least squares on H) with this many "
+        "conjugate-gradient steps; 0 is SparseGPT as published", absent=0,
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not 0 < self.damping < 1e6:
             raise ValueError(f"sparsegpt damping must be a number > 0 (default 0.01), got {self.damping!r}.")
         self.damping = float(self.damping)
         check_int("sparsegpt blocksize", self.blocksize, 1)
+        check_int("sparsegpt refit_steps", self.refit_steps, 0)
 
 
 @register_method("sparsegpt")
@@ -53,6 +58,7 @@ class SparseGPT(PruningMethod):
             blocksize=self.options.blocksize,
             damping=self.options.damping,
             name=name,
+            refit_steps=self.options.refit_steps,
         )
         weight.copy_(updated.to(weight.dtype))
         return mask
