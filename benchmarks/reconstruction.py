@@ -33,12 +33,14 @@ from optimum_gblm.registry import get_method
 MU_SWEEP = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 REFIT_SWEEP = (0.0, 0.03, 0.1, 0.3, 0.5, 1.0, 3.0, 10.0)
 # Labels spell their options out, so a label keeps its meaning when gblm_obs's defaults change (rows resume by label).
-SCORE, JOINT = {"selection": "score"}, {"selection": "joint", "gradient_form": "bonus"}
+# The labels before "-refit10" ran without the refit (refit_steps 0), and keep doing so.
+SCORE, JOINT = {"selection": "score", "refit_steps": 0}, {"selection": "joint", "gradient_form": "bonus", "refit_steps": 0}
 METHODS = {
     "wanda": {"method": "wanda"},
     "gblm-auto": {"method": "gblm", "alpha": "auto"},
     "sparsegpt": {"method": "sparsegpt"},
-    # gblm_obs's default recipe (joint selection, mu 1, gradient term as a factor) is gblm-obs-joint-mu1-scale; the
+    # gblm_obs's default recipe (joint selection, mu 0.5, gradient term as a factor, 10 refit steps) is
+    # gblm-obs-joint-mu0.5-scale-refit10 (DEFAULT); the previous one (mu 1, no refit) gblm-obs-joint-mu1-scale; the
     # joint labels without "-scale" add the gradient term as a bonus (the first form measured)
     "gblm-obs": {"method": "gblm_obs", "alpha": "auto", "method_options": {**SCORE, "mu": "auto"}},
     "gblm-obs-joint": {"method": "gblm_obs", "alpha": "auto", "method_options": {**JOINT, "mu": "auto"}},

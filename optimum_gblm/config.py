@@ -112,9 +112,12 @@ def _fill_absent_options(values: dict[str, Any], default_method: str) -> list[st
     options_class = getattr(method, "Options", None)
     if not isinstance(stored, dict) or not stored or options_class is None:
         return None
-    absent = {f.name: f.metadata["absent"] for f in dataclasses.fields(options_class) if "absent" in f.metadata}
+    fields = dataclasses.fields(options_class)
+    absent = {f.name: f.metadata["absent"] for f in fields if "absent" in f.metadata}
     missing = {name: value for name, value in absent.items() if name not in stored}
-    if not missing:
+    # A stored recipe lists every option of its day, so it has all the options that never had an `absent` value; a
+    # hand-written partial dict does not, and gets today's defaults.
+    if not missing or not all(f.name in stored for f in fields if "absent" not in f.metadata):
         return None
     values["method_options"] = {**stored, **missing}
     return sorted(stored)

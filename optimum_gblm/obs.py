@@ -169,8 +169,8 @@ def obs_prune(
     re-selection, only the update (`sparsity`, `nm`, `saliency_bonus` are then unused). `damping` is eps. Dead
     inputs (H_jj = 0) get a zero column as in SparseGPT. update=False or mu=inf with a keep_mask returns exactly
     weight * keep_mask (dead columns untouched: the score method's weights); with update=False and no keep_mask the
-    mask is chosen by the saliency of the un-updated weights. refit_steps > 0 then solves the kept weights exactly on
-    the mask under H_mu (`refit_kept_weights`, started from the sweep's); 0 leaves the sweep's (SparseGPT's) weights.
+    mask is chosen by the saliency of the un-updated weights. refit_steps > 0 then fits the kept weights on the mask
+    under H_mu (`refit_kept_weights`, CG started from the sweep's); 0 leaves the sweep's (SparseGPT's) weights.
     """
     W = weight.detach().float().clone(memory_format=torch.contiguous_format)
     if keep_mask is not None:
@@ -205,35 +205,44 @@ def obs_prune(
 
 
 @torch.no_grad()
-def refit_kept_weights(target: Tensor, weight: Tensor, keep_mask: Tensor, hessian: Tensor, steps: int) -> Tensor:
-    """The kept weights solved exactly: argmin trace((target - X) H (target - X)^T) over X zero off keep_mask, by
-    `steps` of Jacobi-preconditioned conjugate gradients per row, started from `weight` (the sweep's result).
+def refit_kept_weights(
+    target: Tensor, weight: Tensor, keep_mask: Tensor, hessian: Tensor, steps: int, rows_per_chunk: int = 4096
+) -> Tensor:
+    """The kept weights fitted on their mask: `steps` Jacobi-preconditioned conjugate-gradient steps per row towards
+    argmin trace((target - X) H (target - X)^T) over X zero off keep_mask, started from `weight` (the sweep's).
 
     The sweep fixes each column once, compensating only with later columns, so its kept weights are a greedy
     approximation of this least-squares fit; CG on the mask's subspace (a linear space per row) lowers the objective
-    at every step and reaches the fit in at most d_in steps. H is the already regularised Hessian (H_mu): with
-    mu -> inf it is diagonal and the fit is target * mask, the score method's weights; with mu = 0 it is the
-    calibration outputs' least-squares fit on the mask. One step costs one (d_out, d_in) x (d_in, d_in) product.
-    Rows are independent (each has its own step sizes); a row whose residual is exactly 0 stays put.
+    at every step and, in exact arithmetic, reaches the fit in at most d_in steps; how many it needs depends on how
+    well-conditioned H is (a regularised H_mu converges in a few, mu = 0 with correlated inputs may need tens).
+    H is the already regularised Hessian (H_mu): with mu -> inf it is diagonal and the fit is target * mask, the score
+    method's weights. One step costs one (rows, d_in) x (d_in, d_in) product. Rows are independent (each has its own
+    step sizes; they go in chunks of `rows_per_chunk` to bound memory); a row whose residual is 0 stays put.
+    Batches (..., d_out, d_in) with H (..., d_in, d_in) are allowed. Returns fp32.
     """
-    keep = keep_mask.to(dtype=weight.dtype)
-    X = weight * keep
-    inverse_diagonal = 1 / torch.diagonal(hessian).clamp_min(torch.finfo(torch.float32).tiny)
-    residual = ((target - X) @ hessian) * keep  # minus the gradient, projected on the mask
-    direction = residual * inverse_diagonal
-    residual_dot = (residual * direction).sum(1, keepdim=True)
-    for _ in range(steps):
-        product = (direction @ hessian) * keep
-        curvature = (direction * product).sum(1, keepdim=True)
-        step = torch.where(curvature > 0, residual_dot / curvature.clamp_min(torch.finfo(torch.float32).tiny), 0)
-        X += step * direction
-        residual -= step * product
-        preconditioned = residual * inverse_diagonal
-        new_dot = (residual * preconditioned).sum(1, keepdim=True)
-        beta = torch.where(residual_dot > 0, new_dot / residual_dot.clamp_min(torch.finfo(torch.float32).tiny), 0)
-        direction = preconditioned + beta * direction
-        residual_dot = new_dot
-    return X
+    hessian = hessian.float()
+    inverse_diagonal = (1 / torch.diagonal(hessian, dim1=-2, dim2=-1).clamp_min(torch.finfo(torch.float32).tiny)).unsqueeze(-2)
+    fitted = weight.float().masked_fill(~keep_mask, 0)
+    tiny = torch.finfo(torch.float32).tiny
+    for start in range(0, fitted.shape[-2], rows_per_chunk):
+        rows = slice(start, start + rows_per_chunk)
+        X = fitted[..., rows, :]  # a view: updated in place
+        pruned = ~keep_mask[..., rows, :]
+        residual = ((target[..., rows, :].float() - X) @ hessian).masked_fill_(pruned, 0)  # -gradient / 2, on the mask
+        direction = residual * inverse_diagonal
+        residual_dot = (residual * direction).sum(-1, keepdim=True)
+        for _ in range(steps):
+            product = (direction @ hessian).masked_fill_(pruned, 0)
+            curvature = (direction * product).sum(-1, keepdim=True)
+            step = torch.where(curvature > 0, residual_dot / curvature.clamp_min(tiny), 0)
+            X.add_(step * direction)
+            residual.sub_(step * product)
+            preconditioned = residual * inverse_diagonal
+            new_dot = (residual * preconditioned).sum(-1, keepdim=True)
+            beta = torch.where(residual_dot > 0, new_dot / residual_dot.clamp_min(tiny), 0)
+            direction = preconditioned.add_(beta * direction)
+            residual_dot = new_dot
+    return fitted
 
 
 def sparsegpt_prune(
@@ -241,7 +250,7 @@ def sparsegpt_prune(
     blocksize: int = 128, damping: float = 0.01, name: str = "layer", refit_steps: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """SparseGPT: obs_prune with mu=0 and the mask chosen jointly; (pruned and updated W fp32, keep-mask).
-    refit_steps > 0 then solves the kept weights exactly (least squares on H) on SparseGPT's mask."""
+    refit_steps > 0 then moves the kept weights towards the least-squares fit on SparseGPT's mask (CG steps)."""
     return obs_prune(weight, hessian, sparsity, nm, blocksize, damping, name=name, refit_steps=refit_steps)
 
 
@@ -256,6 +265,7 @@ def cross_validated_mu(
     blocksize: int = 128,
     tolerance: float = 1e-6,
     name: str = "layer",
+    refit_steps: int = 0,
 ) -> tuple[float, dict[float, Tensor]]:
     """(mu*, {mu: held-out errors per fold (K,)}): the mu whose fixed-mask update best predicts held-out sequences.
 
@@ -263,7 +273,8 @@ def cross_validated_mu(
     sum_k H_k = H). For each mu and fold: W_k = obs_prune(weight, H - H_k, mu, keep_mask) and
     e_k = trace((W - W_k) H_k (W - W_k)^T). mu* = the largest mu whose mean error is within `tolerance` (relative)
     of the smallest. include_no_update adds mu = inf (W * M, the score method's weights). A candidate whose Hessian
-    is not positive definite gets error inf.
+    is not positive definite gets error inf. refit_steps scores the update the method will use: the sweep followed by
+    that many refit steps (`refit_kept_weights`), which fits the training folds harder than the sweep alone.
 
     Cost per finite candidate: one batched factorisation of the K training Hessians (K x (Cholesky, inverse,
     Cholesky), ~4/3 d_in^3 flops each), K sweeps (~d_out d_in^2) and K traces (~d_out d_in^2): about 2K times one
@@ -297,6 +308,9 @@ def cross_validated_mu(
         updated = W.expand(K, *W.shape).clone()
         updated.masked_fill_(dead.unsqueeze(-2), 0)
         _sweep(updated, U, blocksize, keep_mask)
+        if refit_steps:
+            target = W.expand(K, *W.shape).masked_fill(dead.unsqueeze(-2), 0)
+            updated = refit_kept_weights(target, updated, keep_mask, H, refit_steps)
         fold_errors = held_out_errors(updated)
         errors[mu] = torch.where(torch.isfinite(fold_errors), fold_errors, math.inf)
     means = {mu: e.mean().item() for mu, e in errors.items()}

@@ -86,7 +86,7 @@ def test_too_few_sequences_for_the_folds_are_refused_before_any_weight_changes()
     assert getattr(model.config, "quantization_config", None) is None
 
 
-def test_default_is_joint_selection_at_mu_one_with_the_gradient_factor(calibration_ids):
+def test_default_is_joint_selection_at_mu_half_with_the_gradient_factor_and_refit(calibration_ids):
     # The default recipe is the measured one (docs/results.md#gblm_obs): joint mask on H + Diag(H), gradient factor.
     options = GBLMConfig(method="gblm_obs").options()
     assert (options.selection, options.mu, options.update_mu, options.gradient_form, options.refit_steps) == (
@@ -121,6 +121,35 @@ def test_refit_steps_solve_the_kept_weights_on_the_same_mask(calibration_ids, pa
     for name in first_block:  # block 0 sees the same inputs in both runs, so the same joint mask
         assert torch.equal(refit[name] == 0, swept[name] == 0), name
         assert not torch.allclose(refit[name], swept[name]), f"{name}: the refit moves the kept weights"
+
+
+def test_a_checkpoint_written_before_refit_steps_existed_loads_without_refit():
+    # written with the gradient factor and update_mu, before refit_steps: it keeps its factor and does not refit
+    config = GBLMConfig(method="gblm_obs", method_options={"mu": 1.0, "refit_steps": 0})
+    stored = config.to_dict()
+    del stored["method_options"]["refit_steps"]
+    loaded = GBLMConfig.from_dict(stored)
+    assert (loaded.options().gradient_form, loaded.options().refit_steps, loaded.options().mu) == ("scale", 0, 1.0)
+    assert {**config.recipe(), "method_options": stored["method_options"]} in loaded.checksum_recipes()
+
+
+def test_a_hand_written_partial_recipe_gets_todays_defaults():
+    # Not a stored recipe (it does not list every option of any day): nothing is filled as "absent".
+    loaded = GBLMConfig.from_dict({"method": "gblm_obs", "method_options": {"mu": 0.3}})
+    assert (loaded.options().gradient_form, loaded.options().refit_steps, loaded.options().mu) == ("scale", 10, 0.3)
+
+
+def test_auto_mu_scores_the_update_it_will_use(monkeypatch):
+    # cross-validation must score the sweep followed by the refit when the method refits
+    import optimum_gblm.methods.gblm_obs as module
+
+    seen = []
+    real = module.cross_validated_mu
+    monkeypatch.setattr(module, "cross_validated_mu", lambda *a, **k: seen.append(k.get("refit_steps")) or real(*a, **k))
+    model = tiny_model("llama")
+    GBLMPruner(GBLMConfig(method="gblm_obs", method_options={"mu": "auto", "folds": 2, "refit_steps": 3}),
+               use_cache=False, show_progress=False).prune(model, torch.randint(0, 96, (4, 16)))
+    assert seen and set(seen) == {3}
 
 
 def test_a_checkpoint_written_before_gradient_form_existed_loads_as_the_bonus_it_used():

@@ -291,10 +291,25 @@ def test_obs_prune_refit_keeps_the_sweeps_mask_and_lowers_its_error(nm):
         assert output_error(W, refit, H_mu) < output_error(W, swept, H_mu), f"mu={mu}: the sweep is greedy"
         torch.testing.assert_close(refit, _least_squares_on_mask(W, keep, H_mu), rtol=1e-3, atol=1e-4)
     # the default (no refit) is still SparseGPT bit for bit
-    assert torch.equal(obs_prune(W, H, 0.5, nm, blocksize=8)[0], sparsegpt_prune(W, H, 0.5, nm, blocksize=8)[0])
+    assert torch.equal(obs_prune(W, H, 0.5, nm, blocksize=8)[0], _reference_sparsegpt_prune(W, H, 0.5, nm, blocksize=8)[0])
     # no update means no refit either: the score method's weights
     keep = torch.rand(6, 16, generator=torch.Generator().manual_seed(5)) > 0.5
     assert torch.equal(obs_prune(W, H, 0.5, mu=math.inf, keep_mask=keep, refit_steps=8)[0], W * keep)
+
+
+def test_refit_in_row_chunks_batches_and_half_precision_gives_the_same_fit():
+    H = hessian_of(correlated_inputs(256, 12, seed=6))
+    g = torch.Generator().manual_seed(7)
+    target = torch.randn(2, 5, 12, generator=g)
+    keep = torch.rand(2, 5, 12, generator=g) > 0.5
+    whole = refit_kept_weights(target[0], target[0], keep[0], H, 6)
+    torch.testing.assert_close(refit_kept_weights(target[0], target[0], keep[0], H, 6, rows_per_chunk=2), whole)
+    batched = refit_kept_weights(target, target, keep, torch.stack([H, 2 * H]), 6)
+    torch.testing.assert_close(batched[0], whole)
+    torch.testing.assert_close(batched[1], refit_kept_weights(target[1], target[1], keep[1], 2 * H, 6))
+    half = refit_kept_weights(target[0].half(), target[0].half(), keep[0], H.double(), 6)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, whole, rtol=1e-2, atol=1e-2)
 
 
 def test_a_refit_moderate_mu_still_generalises_better_than_no_update_and_mu_zero():
@@ -427,3 +442,16 @@ def test_scaled_gradient_saliency_with_uncorrelated_inputs_is_gblms_nm_mask(mu):
     # without the gradient factor it is Wanda's mask, which differs here
     _, wanda_like = obs_prune(weight, torch.diag(2 * sq_mean), 0.5, (2, 4), blocksize=8, damping=0.0, mu=mu)
     assert not torch.equal(wanda_like, mask)
+
+
+def test_cross_validation_with_refit_scores_the_refitted_update():
+    X = correlated_inputs(600, 16, seed=8)
+    folds = [hessian_of(X[i::3], sequences=3) for i in range(3)]
+    W = torch.randn(6, 16, generator=torch.Generator().manual_seed(9))
+    keep = torch.rand(6, 16, generator=torch.Generator().manual_seed(10)) > 0.5
+    _, errors = cross_validated_mu(folds, W, keep, candidates=(0.0, 1.0), blocksize=8, refit_steps=16)
+    for k in range(3):  # each fold's error is the refitted update's, trained on the other folds
+        train = sum(folds) - folds[k]
+        for mu in (0.0, 1.0):
+            updated, _ = obs_prune(W, train, 0.5, mu=mu, keep_mask=keep, blocksize=8, refit_steps=16)
+            assert errors[mu][k].item() == pytest.approx(output_error(W, updated, folds[k]), rel=1e-3)

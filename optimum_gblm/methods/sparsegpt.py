@@ -21,7 +21,7 @@ class SparseGPTOptions:
     damping: float = option(0.01, "dampening added to the Hessian, as a share of its mean diagonal")
     blocksize: int = option(128, "columns pruned and updated together (N:M: a multiple of M)")
     refit_steps: int = option(
-        0, "after the sweep, solve the kept weights exactly on the mask (least squares on H) with this many "
+        0, "after the sweep, move the kept weights towards the least-squares fit on the mask with this many "
         "conjugate-gradient steps; 0 is SparseGPT as published", absent=0,
     )
 
