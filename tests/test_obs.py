@@ -208,8 +208,9 @@ def test_a_fixed_mask_is_not_reselected():
 # --- (c) regularising the update helps on text the calibration did not contain ---
 
 
+@pytest.mark.parametrize("refit_steps", [0, 32])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_a_moderate_mu_generalises_better_than_no_update_and_mu_zero(seed):
+def test_a_moderate_mu_generalises_better_than_no_update_and_mu_zero(seed, refit_steps):
     """Inputs come in pairs (2k, 2k+1); the mask drops the first of each pair and keeps its partner.
 
     Calibration text has the pair almost duplicated (correlation 0.99), held-out text only half (0.5). With unit
@@ -225,18 +226,20 @@ def test_a_moderate_mu_generalises_better_than_no_update_and_mu_zero(seed):
     keep = torch.zeros_like(W, dtype=torch.bool)
     keep[:, 1::2] = True
     error = {
-        mu: output_error(W, obs_prune(W, H_train, 0.5, mu=mu, keep_mask=keep, blocksize=8)[0], H_held_out)
+        mu: output_error(W, obs_prune(W, H_train, 0.5, mu=mu, keep_mask=keep, blocksize=8, refit_steps=refit_steps)[0], H_held_out)
         for mu in (0.0, 1.0, math.inf)
     }
+    # (with the refit too: regularisation, not the solver, is what protects the held-out text)
     assert error[1.0] < 0.85 * error[0.0]
     assert error[1.0] < 0.85 * error[math.inf]
     in_domain = {
-        mu: output_error(W, obs_prune(W, H_train, 0.5, mu=mu, keep_mask=keep)[0], H_train) for mu in (0.0, 1.0)
+        mu: output_error(W, obs_prune(W, H_train, 0.5, mu=mu, keep_mask=keep, refit_steps=refit_steps)[0], H_train)
+        for mu in (0.0, 1.0)
     }
     assert in_domain[0.0] < in_domain[1.0], "mu = 0 is the better fit of the calibration data itself"
 
 
-# --- (d) the exact refit of the kept weights ---
+# --- (d) the refit of the kept weights on their mask ---
 
 
 def _least_squares_on_mask(target: torch.Tensor, keep: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
@@ -312,23 +315,6 @@ def test_refit_in_row_chunks_batches_and_half_precision_gives_the_same_fit():
     torch.testing.assert_close(half, whole, rtol=1e-2, atol=1e-2)
 
 
-def test_a_refit_moderate_mu_still_generalises_better_than_no_update_and_mu_zero():
-    # The shift test of (c), with the kept weights solved exactly: regularisation, not the solver, protects held-out
-    # text, so the exact fit at mu = 1 must still beat both ends.
-    train = paired_inputs(2048, 16, 0.99, seed=0)
-    held_out = paired_inputs(2048, 16, 0.5, seed=100)
-    H_train, H_held_out = hessian_of(train), hessian_of(held_out)
-    W = torch.randn(8, 32, generator=torch.Generator().manual_seed(1))
-    keep = torch.zeros_like(W, dtype=torch.bool)
-    keep[:, 1::2] = True
-    error = {
-        mu: output_error(W, obs_prune(W, H_train, 0.5, mu=mu, keep_mask=keep, refit_steps=32)[0], H_held_out)
-        for mu in (0.0, 1.0, math.inf)
-    }
-    assert error[1.0] < 0.85 * error[0.0]
-    assert error[1.0] < 0.85 * error[math.inf]
-
-
 # --- (e) cross-validation ---
 
 
@@ -398,7 +384,7 @@ def test_cross_validation_ties_go_to_the_larger_mu():
         cross_validated_mu(folds[:1], W, everything)
 
 
-# --- (e) joint selection with a saliency bonus ---
+# --- (f) joint selection with a saliency bonus ---
 
 
 @pytest.mark.parametrize("nm", [None, (2, 4)])
