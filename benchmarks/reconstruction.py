@@ -60,8 +60,8 @@ METHODS = {
         "method": "gblm_obs", "alpha": "auto", "method_options": {**JOINT, "mu": 1.0, "gradient_form": "scale", "update_mu": 0.0}
     },
     "sparsegpt-update1": {"method": "gblm_obs", "method_options": {**JOINT, "score": "wanda", "mu": 0.0, "update_mu": 1.0}},
-    # the kept weights solved exactly on the mask (conjugate gradients on H_mu) after the sweep; sparsegpt-refit10 is
-    # SparseGPT's mask and sweep followed by the exact least-squares fit (mu 0)
+    # the kept weights fitted on the mask after the sweep (10 conjugate-gradient steps on H_mu); sparsegpt-refit10 is
+    # SparseGPT's mask and sweep followed by 10 steps towards the least-squares fit (mu 0)
     **{
         f"gblm-obs-joint-mu{mu:g}-scale-refit10": {
             "method": "gblm_obs", "alpha": "auto", "method_options": {**JOINT, "mu": mu, "gradient_form": "scale", "refit_steps": 10}

@@ -220,10 +220,10 @@ def refit_kept_weights(
     step sizes; they go in chunks of `rows_per_chunk` to bound memory); a row whose residual is 0 stays put.
     Batches (..., d_out, d_in) with H (..., d_in, d_in) are allowed. Returns fp32.
     """
-    hessian = hessian.float()
-    inverse_diagonal = (1 / torch.diagonal(hessian, dim1=-2, dim2=-1).clamp_min(torch.finfo(torch.float32).tiny)).unsqueeze(-2)
-    fitted = weight.float().masked_fill(~keep_mask, 0)
     tiny = torch.finfo(torch.float32).tiny
+    hessian = hessian.float()
+    inverse_diagonal = (1 / torch.diagonal(hessian, dim1=-2, dim2=-1).clamp_min(tiny)).unsqueeze(-2)
+    fitted = weight.float().masked_fill(~keep_mask, 0)
     for start in range(0, fitted.shape[-2], rows_per_chunk):
         rows = slice(start, start + rows_per_chunk)
         X = fitted[..., rows, :]  # a view: updated in place
@@ -305,11 +305,10 @@ def cross_validated_mu(
         except FloatingPointError:
             errors[mu] = torch.full((K,), math.inf, device=W.device)
             continue
-        updated = W.expand(K, *W.shape).clone()
-        updated.masked_fill_(dead.unsqueeze(-2), 0)
+        target = W.expand(K, *W.shape).masked_fill(dead.unsqueeze(-2), 0)  # dead inputs zeroed, as obs_prune does
+        updated = target.clone()
         _sweep(updated, U, blocksize, keep_mask)
         if refit_steps:
-            target = W.expand(K, *W.shape).masked_fill(dead.unsqueeze(-2), 0)
             updated = refit_kept_weights(target, updated, keep_mask, H, refit_steps)
         fold_errors = held_out_errors(updated)
         errors[mu] = torch.where(torch.isfinite(fold_errors), fold_errors, math.inf)
