@@ -69,6 +69,14 @@ METHODS = {
         for mu in REFIT_SWEEP
     },
     "sparsegpt-refit10": {"method": "gblm_obs", "method_options": {**JOINT, "score": "wanda", "mu": 0.0, "refit_steps": 10}},
+    # attribution of the default: its mask with SparseGPT's update (the sweep at mu 0 on that mask, no refit), and
+    # SparseGPT's mask with the default's update (mu 0.5 sweep on that mask, then the refit)
+    "gblm-obs-joint-mu0.5-scale-update0": {
+        "method": "gblm_obs", "alpha": "auto", "method_options": {**JOINT, "mu": 0.5, "gradient_form": "scale", "update_mu": 0.0}
+    },
+    "sparsegpt-update0.5-refit10": {
+        "method": "gblm_obs", "method_options": {**JOINT, "score": "wanda", "mu": 0.0, "update_mu": 0.5, "refit_steps": 10}
+    },
 }
 TEXTS = {
     **{f"{label} (val)": spec for label, spec in common.VALIDATION_FILES.items()},
@@ -155,8 +163,9 @@ def plot_mu_sweep(rows: list[dict], path: str | Path, seed: int = 0) -> None:
     points = {"Wanda": "wanda", "GBLM auto": "gblm-auto", "SparseGPT": "sparsegpt", "SparseGPT on H + Diag(H)": "sparsegpt-mu1",
               "GBLM mask, mu cross-validated": "gblm-obs", "joint, mu 1, gradient bonus": "gblm-obs-joint-mu1",
               "joint, mu 1, gradient factor (no refit)": "gblm-obs-joint-mu1-scale", "SparseGPT, kept weights refit": "sparsegpt-refit10",
-              f"gblm_obs default ({DEFAULT})": DEFAULT}
-    markers = dict(zip(points, "osDPXv^<*"))
+              "default's mask, SparseGPT's update": "gblm-obs-joint-mu0.5-scale-update0",
+              "SparseGPT's mask, default's update": "sparsegpt-update0.5-refit10", f"gblm_obs default ({DEFAULT})": DEFAULT}
+    markers = dict(zip(points, "osDPXv^<>d*"))
     with saved_figure(path, rows=2, cols=len(patterns), figsize=(6 * len(patterns), 9.5),
                       suptitle=f"gblm_obs: in-domain against off-domain perplexity, seed {seed} (lower-left is better)") as (_, axes):
         for row, (x_text, y_text) in enumerate(texts):
