@@ -76,7 +76,7 @@ def parse_auto_or_number(value: str | float, what: str, hint: str = "") -> float
 
 def parse_alpha(value: str | float) -> float | str:
     """alpha from a command line or a form: "auto" or a number >= 0."""
-    return parse_auto_or_number(value, "alpha", " (default 100; 0 is Wanda)")
+    return parse_auto_or_number(value, "alpha", " (0 is Wanda; leave it out for the method's default)")
 
 
 def check_int(name: str, value: Any, minimum: int) -> int:
@@ -178,9 +178,12 @@ class GBLMConfig(QuantizationConfigMixin):
     sparsity: float = option(0.5, "share of each layer's weights removed, in [0, 1); with N:M it must equal N/M")
     pattern: str = option("unstructured", "'unstructured' or N:M such as 2:4 / 4:8 (N removed in every M inputs)")
     gradient_norm: str = option("l1", "accumulation of per-sequence gradients: l1 (the paper) or l2", choices=GRADIENT_NORMS)
-    alpha: float | str = option(
-        100.0,
-        "weight of the gradient term: a number >= 0 (the paper's 100; 0 = Wanda) or 'auto' (per-layer scale match)",
+    # None until validated: each method names its own default (gblm: the paper's 100; gblm_obs: "auto", the value its
+    # measurements used), and the config then holds that value, so a saved recipe never depends on our defaults.
+    alpha: float | str | None = option(
+        None,
+        "weight of the gradient term: a number >= 0 (0 = Wanda) or 'auto' (per-layer scale match); default: the "
+        "method's (gblm: the paper's 100; gblm_obs: auto)",
         parse=parse_alpha,
     )
     num_samples: int = option(128, "calibration sequences N (reference: 128)")
@@ -242,6 +245,8 @@ class GBLMConfig(QuantizationConfigMixin):
                 raise ValueError("scope='layer' only applies to pattern='unstructured'; N:M masks are per row.")
         if not isinstance(self.gradient_norm, str) or self.gradient_norm not in GRADIENT_NORMS:
             raise ValueError(f"gradient_norm must be one of {GRADIENT_NORMS}, got {self.gradient_norm!r}.")
+        if self.alpha is None:
+            self.alpha = method.default_alpha
         if self.alpha != "auto":
             if (
                 isinstance(self.alpha, bool)
@@ -250,7 +255,8 @@ class GBLMConfig(QuantizationConfigMixin):
                 or self.alpha < 0
             ):
                 raise ValueError(
-                    f"alpha must be a finite number >= 0 (default 100; 0 is Wanda) or 'auto', got {self.alpha!r}."
+                    f"alpha must be a finite number >= 0 (0 is Wanda) or 'auto', got {self.alpha!r}; leave it out for "
+                    f"{self.method}'s default ({method.default_alpha})."
                 )
             self.alpha = float(self.alpha)
         check_int("num_samples", self.num_samples, 1)

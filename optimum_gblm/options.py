@@ -437,9 +437,12 @@ def command_line_arguments(config: GBLMConfig, always: Iterable[str] = (), **rep
     always = set(always)
     arguments: list[str] = []
     for flag in recipe_flags():
-        value = recipe.get(flag.option, flag.option_default)
+        default = flag.option_default
+        if flag.option == "alpha" and recipe["method"] in METHODS:  # left out, alpha is the method's own default
+            default = METHODS[recipe["method"]].default_alpha
+        value = recipe.get(flag.option, default)
         stated = flag.option in always and value is not None and flag.kind != "bool"
-        if stated or not _same(value, flag.option_default):
+        if stated or not _same(value, default):
             arguments += _render(flag, value)
     chosen = {"method": (recipe["method"], recipe.get("method_options") or {}),
               "profile": (recipe["sparsity_profile"], recipe.get("profile_options") or {})}

@@ -13,6 +13,18 @@ def test_defaults_follow_the_reference():
     assert config.target_modules is None and config.quant_method == "gblm"
 
 
+def test_alpha_left_out_is_the_methods_own_default_and_is_stored():
+    # gblm keeps the paper's 100; every gblm_obs measurement used alpha="auto" (docs/results.md#gblm_obs), so its
+    # out-of-the-box recipe is the measured one.
+    assert GBLMConfig().alpha == 100.0 and GBLMConfig(method="wanda").alpha == 100.0
+    config = GBLMConfig(method="gblm_obs")
+    assert config.alpha == "auto" and json.loads(config.to_json_string())["alpha"] == "auto"
+    assert GBLMConfig(method="gblm_obs", alpha=100).alpha == 100.0
+    # a gblm_obs checkpoint written when every method defaulted to 100 keeps its 100
+    assert GBLMConfig.from_dict({**config.to_dict(), "alpha": 100.0}).alpha == 100.0
+    assert GBLMConfig.from_dict({"method": "gblm_obs"}).alpha == "auto"
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

@@ -8,9 +8,9 @@ from optimum_gblm import GBLMConfig, GBLMPruner
 from optimum_gblm.engine import prunable_modules, weight_matrix
 
 
-def pruned(method, calibration_ids, pattern="unstructured", **options):
+def pruned(method, calibration_ids, pattern="unstructured", alpha=None, **options):
     model = tiny_model("llama")
-    config = GBLMConfig(method=method, pattern=pattern, method_options=options)
+    config = GBLMConfig(method=method, pattern=pattern, alpha=alpha, method_options=options)
     GBLMPruner(config, use_cache=False, show_progress=False).prune(model, calibration_ids)
     return model
 
@@ -19,8 +19,8 @@ def pruned(method, calibration_ids, pattern="unstructured", **options):
 @pytest.mark.parametrize("score", ["wanda", "gblm"])
 def test_without_update_it_is_the_score_method(calibration_ids, pattern, score):
     # mu -> inf: U_jk / U_jj -> 0, no compensation: exactly the score method's mask and (to rounding) its weights.
-    reference = weights_of(pruned(score, calibration_ids, pattern))
-    model = pruned("gblm_obs", calibration_ids, pattern, score=score, selection="score", mu=1e9)
+    reference = weights_of(pruned(score, calibration_ids, pattern, alpha=100.0))
+    model = pruned("gblm_obs", calibration_ids, pattern, alpha=100.0, score=score, selection="score", mu=1e9)
     for name, value in weights_of(model).items():
         assert torch.equal(value == 0, reference[name] == 0), name
         torch.testing.assert_close(value, reference[name], rtol=1e-4, atol=1e-6)

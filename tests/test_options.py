@@ -112,6 +112,12 @@ def test_command_line_arguments_are_a_diff_against_the_defaults():
     args = options.command_line_arguments(GBLMConfig(sparsity_profile="owl", profile_options={"spread": 0.05}))
     assert args == ["--sparsity-profile", "owl", "--owl-spread", "0.05"]
     assert options.command_line_arguments(GBLMConfig(), always=("method", "sparsity")) == ["--method", "gblm", "--sparsity", "0.5"]
+    # alpha is compared with the method's own default: gblm_obs's is "auto", so its 100 must be spelt out
+    assert options.command_line_arguments(GBLMConfig(method="gblm_obs")) == ["--method", "gblm_obs"]
+    args = options.command_line_arguments(GBLMConfig(method="gblm_obs", alpha=100))
+    assert args == ["--method", "gblm_obs", "--alpha", "100"]
+    assert options.config_from_arguments(config_parser().parse_args(args)).alpha == 100.0
+    assert options.config_from_arguments(config_parser().parse_args(["--method", "gblm_obs"])).alpha == "auto"
 
 
 def test_an_option_of_another_method_is_refused_by_name():

@@ -35,6 +35,7 @@ class PruningMethod:
         Options: a dataclass of the method's own settings (fields with `metadata={"help": ...}`) or None;
             `GBLMConfig.method_options` holds its values and `self.options` the instance.
         help: one line for the CLI and the docs.
+        default_alpha: the gradient term's weight when the recipe leaves alpha out (methods without one ignore it).
     """
 
     name: ClassVar[str] = ""
@@ -42,6 +43,7 @@ class PruningMethod:
     needs_activations: ClassVar[bool] = True
     needs_gradients: ClassVar[bool] = False
     Options: ClassVar[type | None] = None
+    default_alpha: ClassVar[float | str] = 100.0
 
     def __init__(self, config: GBLMConfig, gradient_norms: dict[str, torch.Tensor] | None = None):
         self.config = config

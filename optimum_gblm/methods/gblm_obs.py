@@ -147,6 +147,8 @@ class GBLMOBS(PruningMethod):
     help = "OBS sweep on H + mu Diag(H): mask chosen with the update and the gradient term (or from a score), then updated"
     Options = GBLMOBSOptions
     needs_gradients = True
+    # every measurement of this method (docs/results.md#gblm_obs) matched the gradient term's scale per layer
+    default_alpha = "auto"
 
     @classmethod
     def check_config(cls, config: GBLMConfig) -> None:
