@@ -118,8 +118,11 @@ def target_lines(rows: list[dict], candidates: tuple[str, ...] = (DEFAULT, "gblm
                 # target) by more than the larger of the two standard deviations, as the seed-spread rule asks.
                 (mean, std), (base_mean, base_std) = common.mean_std(list(values.values())), common.mean_std(list(base.values()))
                 line = base_mean * (1 + target / 100)
-                reached = ("yes, beyond the spread" if len(seeds) > 1 and line - mean > max(std, base_std) else
-                           "on the mean only (within the spread)" if mean <= line else "no")
+                if len(seeds) == 1:  # no spread to clear: the rule makes no claim
+                    reached = "met on its one seed (no claim)" if mean <= line else "no"
+                else:
+                    reached = ("yes, beyond the spread" if line - mean > max(std, base_std) else
+                               "on the mean only (within the spread)" if mean <= line else "no")
                 lines.append(f"| {candidate} | {pattern} | {text} | {baseline} | {per_seed} | {result.change:+.1f}% "
                              f"(n={result.n}) | {result.verdict or 'no claim'} | <= {target:+.0f}% | {reached} |")
     return lines
