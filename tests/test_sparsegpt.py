@@ -66,7 +66,11 @@ def test_a_broken_hessian_names_the_layer_and_never_gives_nan():
 def test_sparsegpt_in_the_engine_gives_exact_sparsity(family, pattern):
     model = tiny_model(family)
     before = weights_of(model)
-    ids = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(0))
+    # One calibration sequence: SparseGPT's running Hessian and gblm_obs's fold sums then come from the same single
+    # product X^T X (their scalings by 2 and 1/N are exact), so the fits see one Hessian and no float noise can
+    # flip a near-tied mask choice. With several sequences they sum in different orders, and on another machine's
+    # BLAS that noise, grown by the sequential OBS solve, has flipped weights in later blocks.
+    ids = torch.randint(0, 96, (1, 128), generator=torch.Generator().manual_seed(0))
     GBLMPruner(GBLMConfig(method="sparsegpt", pattern=pattern, sparsity=0.5), show_progress=False).prune(model, ids)
     for name, module in prunable_modules(model).items():
         weight = weight_matrix(module)
@@ -115,7 +119,11 @@ def test_config_checks_sparsegpt_settings():
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_sparsegpt_refit_keeps_its_mask_and_is_gblm_obs_at_mu_zero(pattern):
-    ids = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(0))
+    # One calibration sequence: SparseGPT's running Hessian and gblm_obs's fold sums then come from the same single
+    # product X^T X (their scalings by 2 and 1/N are exact), so the fits see one Hessian and no float noise can
+    # flip a near-tied mask choice. With several sequences they sum in different orders, and on another machine's
+    # BLAS that noise, grown by the sequential OBS solve, has flipped weights in later blocks.
+    ids = torch.randint(0, 96, (1, 128), generator=torch.Generator().manual_seed(0))
     results = {}
     for label, method, options in (
         ("published", "sparsegpt", {}),
@@ -130,7 +138,8 @@ def test_sparsegpt_refit_keeps_its_mask_and_is_gblm_obs_at_mu_zero(pattern):
     for name in first_block:  # block 0 sees the same inputs in every run
         assert torch.equal(results["refit"][name] == 0, results["published"][name] == 0), name
         assert not torch.allclose(results["refit"][name], results["published"][name]), name
-    for name, value in results["refit"].items():  # the same fit, the Hessian summed in another order
-        torch.testing.assert_close(value, results["gblm_obs"][name], rtol=1e-3, atol=1e-5)
+    for name, value in results["refit"].items():  # the same fit on the same Hessians
+        assert torch.equal(value == 0, results["gblm_obs"][name] == 0), name
+        torch.testing.assert_close(value, results["gblm_obs"][name], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="sparsegpt refit_steps must be an integer >= 0"):
         GBLMConfig(method="sparsegpt", method_options={"refit_steps": -1})
