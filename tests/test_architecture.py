@@ -23,8 +23,11 @@ LAYERS: list[str | tuple[str, ...]] = [
     "record",
     "config",
     ("data", "scores", "masks", "modeling", "evaluation"),
+    "structure",  # decoder blocks, prunable linears, weights as (d_out, d_in)
+    ("placement", "stats"),  # where a block's weights live and compute (offload, compute device); input statistics
     "gradients",
-    "engine",
+    "engine",  # the layer-wise pass: capture, then each block's turn (statistics, visit, re-run)
+    "layer_masks",  # prune_layers: the pass with a method; exact zeros and recorded masks
     "obs",
     "methods",
     "sparse_state",

@@ -15,8 +15,10 @@ from torch import nn
 from optimum_gblm import GBLMConfig, GBLMPruner, load_model, modeling, pruner
 from optimum_gblm import engine as engine_module
 from optimum_gblm.config import PruningRuntime
-from optimum_gblm.engine import compute_on, find_decoder_blocks, prunable_modules, prune_layers
+from optimum_gblm.layer_masks import prune_layers
+from optimum_gblm.placement import compute_on
 from optimum_gblm.registry import METHODS, get_method
+from optimum_gblm.structure import find_decoder_blocks, prunable_modules
 
 FAKE = torch.device("meta")
 
