@@ -32,8 +32,8 @@ from common import TEST_FILES, VALIDATION_FILES, mean_std
 
 from optimum_gblm import GBLMConfig, GBLMPruner, get_calibration_data
 from optimum_gblm.config import parse_alpha, parse_pattern
-from optimum_gblm.engine import prunable_modules
 from optimum_gblm.gradients import cached_gradient_norms
+from optimum_gblm.structure import prunable_modules
 
 WANDA, AUTO = ("-", 0), ("l1", "auto")  # (norm, alpha) of the rows the calibration-size section compares
 

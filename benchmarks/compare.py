@@ -24,8 +24,8 @@ import torch
 
 from optimum_gblm import GBLMConfig, GBLMPruner, get_calibration_data
 from optimum_gblm.config import parse_pattern
-from optimum_gblm.engine import prunable_modules
 from optimum_gblm.gradients import cached_gradient_norms
+from optimum_gblm.structure import prunable_modules
 
 # method label -> GBLMConfig settings
 METHODS = {

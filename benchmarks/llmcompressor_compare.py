@@ -12,7 +12,7 @@ What it measures (issue 3, "Benchmark targets"):
      blocks (both libraries' default), so from block 1 on the inputs differ by whatever the earlier masks differ by;
    - "whole model, dense inputs": every block sees the dense model's activations. llm-compressor does this with
      `oneshot(..., propagate_error=False)`; ours has no such switch, so the script collects our activation statistic
-     (`optimum_gblm.engine.InputStats`) with hooks on one forward of the dense model and applies our score and mask
+     (`optimum_gblm.stats.InputStats`) with hooks on one forward of the dense model and applies our score and mask
      functions (`optimum_gblm.scores.wanda_score`, `optimum_gblm.masks.select_mask`).
    A mask is "weight != 0" after pruning, for both (a weight that was already exactly zero has the lowest score in
    both, so it is pruned in both).
@@ -69,9 +69,10 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 import optimum_gblm  # noqa: E402
 from optimum_gblm import GBLMConfig, GBLMPruner, get_calibration_data, load_model  # noqa: E402
-from optimum_gblm.engine import InputStats, prunable_modules, weight_matrix  # noqa: E402
 from optimum_gblm.masks import select_mask  # noqa: E402
 from optimum_gblm.scores import wanda_score  # noqa: E402
+from optimum_gblm.stats import InputStats  # noqa: E402
+from optimum_gblm.structure import prunable_modules, weight_matrix  # noqa: E402
 
 PATTERNS = {"unstructured": (0.5, "0:0"), "2:4": (0.5, "2:4")}  # our pattern -> (sparsity, llm-compressor's mask_structure)
 PPL_TOLERANCE = 0.02

@@ -38,8 +38,8 @@ def worker(size: str, stage: str, num_samples: int, seqlen: int) -> dict:
     from transformers import LlamaForCausalLM  # noqa: F401  (common.random_llama's): loaded before the baseline too
 
     from optimum_gblm import GBLMConfig, GBLMPruner, load_model
-    from optimum_gblm.engine import prunable_modules
     from optimum_gblm.gradients import compute_gradient_norms
+    from optimum_gblm.structure import prunable_modules
 
     try:
         import gguf  # noqa: F401  (the default model's loader): imported before the baseline, like everything else

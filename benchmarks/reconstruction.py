@@ -26,9 +26,9 @@ from common import label_axes, saved_figure
 from optimum_gblm import GBLMConfig, GBLMPruner, get_calibration_data
 from optimum_gblm.config import parse_pattern
 from optimum_gblm.data import window_start_token
-from optimum_gblm.engine import prunable_modules
 from optimum_gblm.gradients import cached_gradient_norms
 from optimum_gblm.registry import get_method
+from optimum_gblm.structure import prunable_modules
 
 MU_SWEEP = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 REFIT_SWEEP = (0.0, 0.03, 0.1, 0.3, 0.5, 1.0, 3.0, 10.0)

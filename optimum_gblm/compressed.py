@@ -45,8 +45,8 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers.core_model_loading import ConversionOps, WeightConverter
 
-from .engine import Onloaded
 from .masks import unpack_mask
+from .placement import Onloaded
 from .sparse_state import GBLMHfQuantizer, check_weights_match_masks, set_state_dict_hook
 
 logger = logging.getLogger(__name__)

@@ -15,6 +15,7 @@ gradient into a shard-sized accumulator, and the shards are gathered into full t
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -22,7 +23,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,28 @@ def compute_gradient_norms(
     accumulates its shard of each gradient, and the shards are gathered at the end: every rank returns the full
     single-process norms, on CPU. All ranks must call it together, with the same `input_ids` and `modules`.
     """
+    _check_can_compute(model, norm)
+    sums = _NormSums(modules, norm, scale)
+    first = 0
+    if resume_from is not None:
+        first, saved = resume_from
+        sums.resume(saved, modules)
+    rank, world = distributed_rank_and_size()
+    if world > 1 and (resume_from is not None or save_progress is not None):
+        raise ValueError("resuming a gradient stage is single-process only; run without a process group to resume.")
+    if world > 1:
+        check_same_calibration(input_ids)
+    if sums.sharded:
+        logger.info("gradient norms: sharded (FSDP) model, every rank runs all %d sequences", input_ids.shape[0])
+    # A sharded model sums gradients over ranks inside its backward: all ranks must run the same sequence.
+    mine = [i for i in range(first, input_ids.shape[0]) if sums.sharded or i % world == rank]
+    with sums.hooked(model), _EvalWithCheckpointing(model, gradient_checkpointing), torch.enable_grad():
+        _backward_each(model, input_ids, mine, sums.sums, save_progress, progress_seconds, show_progress and rank == 0)
+    return sums.finish(world)
+
+
+def _check_can_compute(model: nn.Module, norm: str) -> None:
+    """Refuse, before any forward, a norm that does not exist and a model whose gradients would not be its own."""
     if norm not in ("l1", "l2"):
         raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}.")
     if getattr(model, "_gblm_gradient_hooks", None):
@@ -148,29 +171,32 @@ def compute_gradient_norms(
             "GBLMPruner.prune does this itself."
         )
     check_not_fsdp1(model)
-    device = next(model.parameters()).device
-    weights = {name: module.weight for name, module in modules.items()}
-    sharded = any(is_dtensor(w) for w in weights.values())
-    # One accumulator per weight, the size of this rank's shard of it when the weight is sharded.
-    accumulators = {
-        name: torch.zeros(local_tensor(w).shape, dtype=torch.float32, device=local_tensor(w).device)
-        for name, w in weights.items()
-    }
-    first = 0
-    if resume_from is not None:
-        first, saved = resume_from
+
+
+class _NormSums:
+    """One fp32 accumulator per weight (the size of this rank's shard of it when the weight is sharded), into which
+    each gradient is folded the moment autograd produces it, then freed."""
+
+    def __init__(self, modules: dict[str, nn.Module], norm: str, scale: float):
+        self.norm, self.scale = norm, scale
+        self.weights = {name: module.weight for name, module in modules.items()}
+        self.sharded = any(is_dtensor(w) for w in self.weights.values())
+        self.sums = {
+            name: torch.zeros(local_tensor(w).shape, dtype=torch.float32, device=local_tensor(w).device)
+            for name, w in self.weights.items()
+        }
+
+    def resume(self, saved: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> None:
         check_gradient_norms(saved, modules, source="the partial gradient stage")
-        for name, accumulator in accumulators.items():
+        for name, accumulator in self.sums.items():
             accumulator.copy_(saved[name])
 
-    def fold(name: str):
-        accumulator = accumulators[name]
-
+    def _fold_into(self, accumulator: torch.Tensor) -> Callable[[torch.Tensor], None]:
         def hook(param: torch.Tensor) -> None:
             # FSDP2 calls this hook on the sharded parameter once its gradient is reduce-scattered: param.grad is then
             # a DTensor whose local tensor is this rank's shard, the shape of the accumulator.
-            grad = local_tensor(param.grad).to(torch.float32) * scale  # a new fp32 tensor, transient
-            if norm == "l1":
+            grad = local_tensor(param.grad).to(torch.float32) * self.scale  # a new fp32 tensor, transient
+            if self.norm == "l1":
                 accumulator.add_(grad.abs_())
             else:
                 accumulator.addcmul_(grad, grad)
@@ -178,63 +204,73 @@ def compute_gradient_norms(
 
         return hook
 
-    requires_grad = {p: p.requires_grad for p in model.parameters()}
-    handles = []
-    try:
-        # Only the prunable weights need gradients: nothing else gets a .grad buffer.
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for name, weight in weights.items():
-            weight.requires_grad_(True)
-            weight.grad = None
-            handles.append(weight.register_post_accumulate_grad_hook(fold(name)))
-        rank, world = distributed_rank_and_size()
-        if world > 1 and (resume_from is not None or save_progress is not None):
-            raise ValueError("resuming a gradient stage is single-process only; run without a process group to resume.")
-        if world > 1:
-            check_same_calibration(input_ids)
-        if sharded:
-            logger.info("gradient norms: sharded (FSDP) model, every rank runs all %d sequences", input_ids.shape[0])
-        last_saved = time.monotonic()
-        with _EvalWithCheckpointing(model, gradient_checkpointing), torch.enable_grad(), _DeferredInterrupts(
-            enabled=save_progress is not None
-        ) as interrupts:
-            total = input_ids.shape[0]
-            # A sharded model sums gradients over ranks inside its backward: all ranks must run the same sequence.
-            mine = [i for i in range(first, total) if sharded or i % world == rank]
-            for i in tqdm(mine, desc="Gradient norms", disable=not show_progress or rank != 0):
-                sequence = input_ids[i : i + 1].to(device)
-                loss = model(input_ids=sequence, labels=sequence, use_cache=False).loss
-                loss.backward()
-                due = time.monotonic() - last_saved >= progress_seconds or interrupts.received is not None
-                if save_progress is not None and i + 1 < total and due:
-                    save_progress(i + 1, accumulators)
-                    last_saved = time.monotonic()
-                interrupts.raise_if_received()
-    finally:
-        for handle in handles:
-            handle.remove()
-        for p, flag in requires_grad.items():
-            p.requires_grad_(flag)
-            p.grad = None
+    @contextlib.contextmanager
+    def hooked(self, model: nn.Module) -> Iterator[None]:
+        """Only the prunable weights need gradients (nothing else gets a .grad buffer), each folded by a hook; every
+        parameter's requires_grad is restored on exit."""
+        requires_grad = {p: p.requires_grad for p in model.parameters()}
+        handles = []
+        try:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for name, weight in self.weights.items():
+                weight.requires_grad_(True)
+                weight.grad = None
+                handles.append(weight.register_post_accumulate_grad_hook(self._fold_into(self.sums[name])))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for p, flag in requires_grad.items():
+                p.requires_grad_(flag)
+                p.grad = None
 
-    if sharded:
-        # Every rank ran every sequence: nothing to add up, only this rank's shards to join with the others'.
-        accumulators = {name: gather_shard(acc, weights[name]) for name, acc in accumulators.items()}
-    elif world > 1:
-        import torch.distributed as dist
+    def finish(self, world: int) -> dict[str, torch.Tensor]:
+        """The norms: shards joined or ranks' sums added, l2's square root taken, checked finite."""
+        sums = self.sums
+        if self.sharded:
+            # Every rank ran every sequence: nothing to add up, only this rank's shards to join with the others'.
+            sums = {name: gather_shard(acc, self.weights[name]) for name, acc in sums.items()}
+        elif world > 1:
+            import torch.distributed as dist
 
-        for accumulator in accumulators.values():
-            dist.all_reduce(accumulator, op=dist.ReduceOp.SUM)  # l1: sums; l2: sums of squares
-    for name, accumulator in accumulators.items():
-        if norm == "l2":
-            accumulator.sqrt_()
-        if not torch.isfinite(accumulator).all():
-            raise FloatingPointError(
-                f"gradient norms of {name} contain NaN or inf. Load the model in float32 (dtype=torch.float32)"
-                + (f" or lower the scale (now {scale:g})." if scale != 1.0 else "; its half-precision gradients overflowed.")
-            )
-    return accumulators
+            for accumulator in sums.values():
+                dist.all_reduce(accumulator, op=dist.ReduceOp.SUM)  # l1: sums; l2: sums of squares
+        for name, accumulator in sums.items():
+            if self.norm == "l2":
+                accumulator.sqrt_()
+            if not torch.isfinite(accumulator).all():
+                raise FloatingPointError(
+                    f"gradient norms of {name} contain NaN or inf. Load the model in float32 (dtype=torch.float32)"
+                    + (f" or lower the scale (now {self.scale:g})." if self.scale != 1.0
+                       else "; its half-precision gradients overflowed.")
+                )
+        return sums
+
+
+def _backward_each(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    sequences: list[int],
+    sums: dict[str, torch.Tensor],
+    save_progress: Callable[[int, dict[str, torch.Tensor]], None] | None,
+    progress_seconds: float,
+    show_progress: bool,
+) -> None:
+    """One forward and backward per sequence (the hooks fold the gradients); progress is saved at most every
+    `progress_seconds`, and Ctrl-C or a `kill` stops the run between sequences, just after progress was saved."""
+    device = next(model.parameters()).device
+    total = input_ids.shape[0]
+    last_saved = time.monotonic()
+    with _DeferredInterrupts(enabled=save_progress is not None) as interrupts:
+        for i in tqdm(sequences, desc="Gradient norms", disable=not show_progress):
+            sequence = input_ids[i : i + 1].to(device)
+            model(input_ids=sequence, labels=sequence, use_cache=False).loss.backward()
+            due = time.monotonic() - last_saved >= progress_seconds or interrupts.received is not None
+            if save_progress is not None and i + 1 < total and due:
+                save_progress(i + 1, sums)
+                last_saved = time.monotonic()
+            interrupts.raise_if_received()
 
 
 def distributed_rank_and_size() -> tuple[int, int]:
@@ -418,7 +454,7 @@ def cached_gradient_norms(
         return compute()
     key = cache_key(model, modules, input_ids, norm, scale)
     folder = Path(cache_dir or default_cache_dir())
-    path, partial = folder / f"{key}.safetensors", folder / f"{key}.partial.safetensors"
+    path = folder / f"{key}.safetensors"
     # compute_gradient_norms returns the full norms of a sharded (FSDP) model on CPU; a cache hit does the same.
     sharded = any(is_dtensor(m.weight) for m in modules.values())
     device = torch.device("cpu") if sharded else next(model.parameters()).device
@@ -428,52 +464,73 @@ def cached_gradient_norms(
     if all_ranks(norms is not None):
         logger.info("gradient norms: reusing cache %s", path)
         return {k: v.to(device) for k, v in norms.items() if k in modules}
-    rank, world = distributed_rank_and_size()
     # One process at a time per key. Not under a process group: a rank waiting for a lock another rank holds would
     # never reach the collectives that rank waits in (and only rank 0 writes there).
-    lock = _lock_cache_key(folder, key) if world == 1 else None
+    lock = _lock_cache_key(folder, key) if distributed_rank_and_size()[1] == 1 else None
     try:
         if lock is not None:
             norms = _cached_result(path, key, modules)  # the process we waited for may have computed it
             if norms is not None:
                 logger.info("gradient norms: reusing cache %s, written by another process meanwhile", path)
                 return {k: v.to(device) for k, v in norms.items() if k in modules}
-        metadata: dict[str, Any] = {
-            "format": CACHE_FORMAT_VERSION,
-            "key": key,
-            "model": str(getattr(getattr(model, "config", None), "_name_or_path", "")),
-            "num_samples": str(input_ids.shape[0]),
-            "seqlen": str(input_ids.shape[1]),
-            "norm": norm,
-            "scale": repr(float(scale)),
-        }
-
-        def save_progress(completed: int, sums: dict[str, torch.Tensor]) -> None:
-            try:
-                save_gradient_norms(sums, partial, {**metadata, "state": "partial", "completed": str(completed)})
-            except OSError as error:  # progress is a convenience: a full disk must not stop the run
-                logger.warning("could not save gradient progress to %s: %s", partial, describe_os_error(error))
-
-        if world > 1:  # progress files are per process; a sharded run is not resumable
-            norms = compute()
-        else:
-            resume_from = _partial_progress(partial, key, modules, input_ids.shape[0], device)
-            norms = compute(resume_from=resume_from, save_progress=save_progress, progress_seconds=progress_seconds)
-        if rank != 0:
-            return norms
-        try:
-            save_gradient_norms(norms, path, {**metadata, "state": "complete"})
-            logger.info("gradient norms cached at %s", path)
-        except OSError as error:  # a full disk must not cost the run its result
-            logger.warning("could not write gradient cache %s: %s; going on without it", path, describe_os_error(error))
-        try:
-            partial.unlink(missing_ok=True)  # another process may have removed it already
-        except OSError as error:
-            logger.warning("could not remove the partial gradient state %s: %s", partial, describe_os_error(error))
-        return norms
+        metadata = _entry_metadata(model, input_ids, key, norm, scale)
+        return _compute_into_cache(compute, folder, metadata, modules, input_ids, device, progress_seconds)
     finally:
         if lock is not None:
             lock.release()
+
+
+def _entry_metadata(model: nn.Module, input_ids: torch.Tensor, key: str, norm: str, scale: float) -> dict[str, str]:
+    """What a cache entry says about itself: checked on reading, so that a file is never taken for another one."""
+    return {
+        "format": CACHE_FORMAT_VERSION,
+        "key": key,
+        "model": str(getattr(getattr(model, "config", None), "_name_or_path", "")),
+        "num_samples": str(input_ids.shape[0]),
+        "seqlen": str(input_ids.shape[1]),
+        "norm": norm,
+        "scale": repr(float(scale)),
+    }
+
+
+def _compute_into_cache(
+    compute: Callable[..., dict[str, torch.Tensor]],
+    folder: Path,
+    metadata: dict[str, str],
+    modules: dict[str, nn.Module],
+    input_ids: torch.Tensor,
+    device: torch.device,
+    progress_seconds: float,
+) -> dict[str, torch.Tensor]:
+    """Compute the norms (resuming from the entry's partial file when one fits, saving progress to it), then write
+    the complete entry and drop the partial file. A cache that cannot be written costs a warning, never the result."""
+    key = metadata["key"]
+    path, partial = folder / f"{key}.safetensors", folder / f"{key}.partial.safetensors"
+
+    def save_progress(completed: int, sums: dict[str, torch.Tensor]) -> None:
+        try:
+            save_gradient_norms(sums, partial, {**metadata, "state": "partial", "completed": str(completed)})
+        except OSError as error:  # progress is a convenience: a full disk must not stop the run
+            logger.warning("could not save gradient progress to %s: %s", partial, describe_os_error(error))
+
+    rank, world = distributed_rank_and_size()
+    if world > 1:  # progress files are per process; a sharded run is not resumable
+        norms = compute()
+    else:
+        resume_from = _partial_progress(partial, key, modules, input_ids.shape[0], device)
+        norms = compute(resume_from=resume_from, save_progress=save_progress, progress_seconds=progress_seconds)
+    if rank != 0:
+        return norms
+    try:
+        save_gradient_norms(norms, path, {**metadata, "state": "complete"})
+        logger.info("gradient norms cached at %s", path)
+    except OSError as error:  # a full disk must not cost the run its result
+        logger.warning("could not write gradient cache %s: %s; going on without it", path, describe_os_error(error))
+    try:
+        partial.unlink(missing_ok=True)  # another process may have removed it already
+    except OSError as error:
+        logger.warning("could not remove the partial gradient state %s: %s", partial, describe_os_error(error))
+    return norms
 
 
 def _lock_cache_key(folder: Path, key: str) -> OwnerLock | None:

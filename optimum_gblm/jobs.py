@@ -38,6 +38,7 @@ from .evaluation import PerplexityResult, perplexity, record_evaluation
 from .hub import push_folder_to_hub
 from .modeling import load_model
 from .options import config_from_arguments, options_from_arguments, runtime_from_arguments
+from .placement import check_device
 from .pruner import GBLMPruner, needs_calibration
 
 logger = logging.getLogger(__name__)
@@ -187,34 +188,12 @@ class PruneResult:
 
 # -- loading and placing the model ------------------------------------------------------------------------------------
 def resolve_device(requested: str | torch.device | None, flag: str = "--device") -> torch.device:
-    """The requested device, checked before anything loads (a CUDA device on a CPU-only torch, an index past the
-    visible GPUs, an unavailable mps are one clear ValueError naming `flag`); else the first GPU when there is one."""
+    """The requested device, checked before anything loads by `placement.check_device` (one clear ValueError naming
+    `flag` for a CUDA device on a CPU-only torch, an index past the visible GPUs, an unavailable mps...); else the
+    first GPU when there is one."""
     if not requested:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(requested)
-    except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"{flag} {requested!r} is not a device: use cpu, cuda, cuda:N or mps.") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            reason = (
-                "this torch is built without CUDA (a CPU-only install); install a CUDA build of torch"
-                if torch.version.cuda is None
-                else "no CUDA GPU is visible (check the driver and CUDA_VISIBLE_DEVICES)"
-            )
-            raise ValueError(f"{flag} {requested}: {reason}, or run with {flag} cpu.")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise ValueError(f"{flag} {requested}: only {count} CUDA device(s) are visible (cuda:0 to cuda:{count - 1}).")
-    elif device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ValueError(f"{flag} {requested}: Apple's mps backend is not available here; use {flag} cpu.")
-    elif device.type == "xpu":
-        if not (hasattr(torch, "xpu") and torch.xpu.is_available()):
-            raise ValueError(f"{flag} {requested}: no Intel XPU is available here; use {flag} cpu.")
-    elif device.type != "cpu":
-        raise ValueError(f"{flag} {requested}: a model runs on cpu, cuda[:N], mps or xpu, not {device.type}.")
-    return device
+    return check_device(requested, flag, fallback=f"run with {flag} cpu")
 
 
 def check_placement(options: ModelOptions) -> torch.device | None:

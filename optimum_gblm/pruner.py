@@ -21,21 +21,14 @@ from torch import nn
 from .checkpoint import check_output_dir, save_pretrained_atomically
 from .config import GBLMConfig, PruningRuntime
 from .data import CalibrationSource, get_calibration_data, source_description
-from .engine import (
-    check_compute_device,
-    check_offload_writable,
-    compute_on,
-    find_decoder_blocks,
-    is_offloaded,
-    prunable_modules,
-    prune_layers,
-    weight_matrix,
-)
 from .gradients import cached_gradient_norms, check_gradient_norms, check_not_fsdp1, is_dtensor, load_gradient_norms
+from .layer_masks import prune_layers
 from .modeling import base_model_info, load_model, strip_gguf_quantization
+from .placement import check_compute_device, check_offload_writable, compute_on, is_offloaded
 from .record import PruningRecord
 from .registry import get_method, get_profile
 from .sparse_state import attach_masks, detach_masks, sparsity_report
+from .structure import find_decoder_blocks, prunable_modules, weight_matrix
 
 logger = logging.getLogger(__name__)
 

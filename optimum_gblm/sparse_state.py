@@ -22,9 +22,9 @@ from torch import nn
 from transformers.quantizers.base import HfQuantizer
 
 from .config import GBLMConfig
-from .engine import Onloaded
 from .gradients import is_dtensor
 from .masks import unpack_mask
+from .placement import Onloaded
 from .record import PruningRecord
 
 logger = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from optimum_gblm import options
 from optimum_gblm.cli import build_parser, main
 from optimum_gblm.config import GBLMConfig
-from optimum_gblm.engine import prunable_modules
 from optimum_gblm.masks import check_nm
+from optimum_gblm.structure import prunable_modules
 
 
 def prune_parser():

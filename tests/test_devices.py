@@ -15,8 +15,10 @@ from torch import nn
 from optimum_gblm import GBLMConfig, GBLMPruner, load_model, modeling, pruner
 from optimum_gblm import engine as engine_module
 from optimum_gblm.config import PruningRuntime
-from optimum_gblm.engine import compute_on, find_decoder_blocks, prunable_modules, prune_layers
+from optimum_gblm.layer_masks import prune_layers
+from optimum_gblm.placement import NO_COMPUTE_DEVICE, check_compute_device, compute_on
 from optimum_gblm.registry import METHODS, get_method
+from optimum_gblm.structure import find_decoder_blocks, prunable_modules
 
 FAKE = torch.device("meta")
 
@@ -205,6 +207,22 @@ def test_a_block_spread_over_devices_is_refused(calibration_ids, tmp_path):
     with pytest.raises(ValueError, match=r"model.layers.1 has weights on \['cpu', 'meta'\].*one device"):
         prune(model, calibration_ids, tmp_path, method="wanda", compute_device="cpu")
     assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("device", ["gpu", "meta", "cuda", "cuda:3", "mps"])
+def test_the_library_and_the_command_line_refuse_devices_with_one_check(device, monkeypatch):
+    from optimum_gblm.jobs import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: device == "cuda:3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ValueError) as library:
+        check_compute_device(tiny_model("llama"), device)
+    with pytest.raises(ValueError) as command_line:
+        resolve_device(device, flag="--device")
+    # The same message, each naming its own setting and way out.
+    as_flag = str(library.value).replace(f"compute_device={device!r}", f"--device {device}")
+    assert as_flag.replace(NO_COMPUTE_DEVICE, "run with --device cpu") == str(command_line.value)
 
 
 # -- command line and loading -----------------------------------------------------------------------------------

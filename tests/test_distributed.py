@@ -15,8 +15,8 @@ def _worker(rank: int, world: int, store: str, out: str, norm: str) -> None:
     torch.set_num_threads(1)
     from conftest import tiny_model
 
-    from optimum_gblm.engine import prunable_modules
     from optimum_gblm.gradients import compute_gradient_norms
+    from optimum_gblm.structure import prunable_modules
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
@@ -32,8 +32,8 @@ def _worker(rank: int, world: int, store: str, out: str, norm: str) -> None:
 def test_two_process_gradient_norms_equal_one_process(tmp_path, norm):
     from conftest import tiny_model
 
-    from optimum_gblm.engine import prunable_modules
     from optimum_gblm.gradients import compute_gradient_norms
+    from optimum_gblm.structure import prunable_modules
 
     out = str(tmp_path / "norms")
     mp.spawn(_worker, args=(2, str(tmp_path / "store"), out, norm), nprocs=2, join=True)
@@ -88,8 +88,8 @@ def _fsdp_worker(rank: int, world: int, store: str, out: str, norm: str, wrap: s
     torch.set_num_threads(1)
     from conftest import tiny_model
 
-    from optimum_gblm.engine import prunable_modules
     from optimum_gblm.gradients import cache_key, cached_gradient_norms, is_dtensor
+    from optimum_gblm.structure import prunable_modules
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
@@ -132,8 +132,8 @@ def test_fsdp2_sharded_model_gradient_norms_equal_one_process(tmp_path, norm, wr
     """Every rank runs every sequence on its shard of the weights; the gathered norms are the single-process ones."""
     from conftest import tiny_model
 
-    from optimum_gblm.engine import prunable_modules
     from optimum_gblm.gradients import cache_key, compute_gradient_norms
+    from optimum_gblm.structure import prunable_modules
 
     out = str(tmp_path / "norms")
     mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "store"), out, norm, wrap), nprocs=2, join=True)
@@ -168,8 +168,8 @@ def _refusal_worker(rank: int, world: int, store: str, out: str) -> None:
     from conftest import tiny_model
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    from optimum_gblm.engine import prunable_modules
     from optimum_gblm.gradients import compute_gradient_norms
+    from optimum_gblm.structure import prunable_modules
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     errors = {}

@@ -4,9 +4,11 @@ from conftest import FAMILIES, tiny_model, weights_of
 from torch import nn
 
 from optimum_gblm import GBLMConfig, GBLMPruner
-from optimum_gblm.engine import InputStats, find_decoder_blocks, prunable_modules, run_layerwise, weight_matrix
+from optimum_gblm.engine import run_layerwise
 from optimum_gblm.masks import check_nm
 from optimum_gblm.registry import METHODS
+from optimum_gblm.stats import InputStats
+from optimum_gblm.structure import find_decoder_blocks, prunable_modules, weight_matrix
 
 PATTERNS = [("unstructured", 0.5), ("unstructured", 0.75), ("2:4", 0.5), ("4:8", 0.5)]
 

@@ -13,9 +13,9 @@ import torch
 from conftest import sample_text, tiny_model
 from transformers import AutoModelForCausalLM, TrainingArguments
 
-from optimum_gblm.engine import prunable_modules
 from optimum_gblm.evaluation import load_multiple_choice, multiple_choice_accuracy
 from optimum_gblm.masks import check_nm
+from optimum_gblm.structure import prunable_modules
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_model, weights_of
 
 from optimum_gblm import GBLMConfig, GBLMPruner
-from optimum_gblm.engine import prunable_modules, weight_matrix
+from optimum_gblm.structure import prunable_modules, weight_matrix
 
 
 def pruned(method, calibration_ids, pattern="unstructured", alpha=None, **options):

@@ -7,13 +7,13 @@ from conftest import tiny_model, weights_of
 
 from optimum_gblm import GBLMConfig, GBLMPruner
 from optimum_gblm import gradients as gradients_module
-from optimum_gblm.engine import prunable_modules
 from optimum_gblm.gradients import (
     cached_gradient_norms,
     compute_gradient_norms,
     load_gradient_norms,
     save_gradient_norms,
 )
+from optimum_gblm.structure import prunable_modules
 
 
 def naive_norms(model, ids, modules, norm, scale):

@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from optimum_gblm import GBLMConfig, GBLMPruner, SparsityCallback, apply_masks
 from optimum_gblm.checkpoint import read_masks
-from optimum_gblm.engine import prunable_modules
 from optimum_gblm.sparse_state import GBLMHfQuantizer, masks_checksum
+from optimum_gblm.structure import prunable_modules
 
 
 def pruned(family="llama", pattern="2:4", sparsity=0.5, method="gblm", ids=None):

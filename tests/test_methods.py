@@ -9,9 +9,9 @@ from transformers import AutoModelForCausalLM
 
 from optimum_gblm import GBLMConfig, prune
 from optimum_gblm.config import option
-from optimum_gblm.engine import prunable_modules, weight_matrix
 from optimum_gblm.methods import PruningMethod
 from optimum_gblm.registry import METHODS, register_method
+from optimum_gblm.structure import prunable_modules, weight_matrix
 
 
 @pytest.fixture

@@ -11,10 +11,12 @@ from conftest import VOCAB, tiny_model
 from transformers import AutoModelForCausalLM
 
 from optimum_gblm import GBLMConfig, GBLMPruner, apply_masks
-from optimum_gblm.engine import is_offloaded, prunable_modules, prune_layers, store_offloaded
 from optimum_gblm.gradients import compute_gradient_norms
+from optimum_gblm.layer_masks import prune_layers
 from optimum_gblm.masks import unpack_mask
+from optimum_gblm.placement import is_offloaded, store_offloaded
 from optimum_gblm.registry import METHODS, get_method
+from optimum_gblm.structure import prunable_modules
 
 # Block 0 stays in memory, block 1 lives on disk (on this CPU-only machine "cpu" blocks are resident: accelerate only
 # offloads CPU weights when the execution device is an accelerator).

@@ -3,10 +3,10 @@ import torch
 from conftest import tiny_model
 
 from optimum_gblm import GBLMConfig, GBLMPruner
-from optimum_gblm.engine import prunable_modules
 from optimum_gblm.methods.base import PruningMethod
 from optimum_gblm.methods.owl import OutlierMeter, block_of, owl_sparsities
 from optimum_gblm.registry import METHODS
+from optimum_gblm.structure import prunable_modules
 
 
 def test_owl_profile_averages_to_the_target_and_stays_within_lambda():

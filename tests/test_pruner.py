@@ -3,8 +3,8 @@ import torch
 from conftest import tiny_model, weights_of
 
 from optimum_gblm import GBLMConfig, GBLMPruner, prune
-from optimum_gblm.engine import prunable_modules
 from optimum_gblm.gradients import compute_gradient_norms
+from optimum_gblm.structure import prunable_modules
 
 
 def unchanged(model, before):

@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 from optimum_gblm import GBLMConfig, GBLMPruner, load_model
-from optimum_gblm.engine import prunable_modules
 from optimum_gblm.gradients import cache_key, cached_gradient_norms, compute_gradient_norms
+from optimum_gblm.structure import prunable_modules
 
 TESTS = Path(__file__).resolve().parent
 
@@ -49,7 +49,7 @@ def test_killed_gradient_stage_resumes_and_matches_an_uninterrupted_run(tmp_path
     run_killed(f"""
         import os, signal, torch
         from conftest import tiny_model
-        from optimum_gblm.engine import prunable_modules
+        from optimum_gblm.structure import prunable_modules
         from optimum_gblm.gradients import cached_gradient_norms
         model = tiny_model("llama")
         ids = torch.randint(0, 96, (6, 16), generator=torch.Generator().manual_seed(3))
@@ -222,7 +222,7 @@ def test_kill_or_ctrl_c_saves_progress_at_the_last_completed_sequence(tmp_path, 
     path.write_text(textwrap.dedent(f"""
         import os, signal, torch
         from conftest import tiny_model
-        from optimum_gblm.engine import prunable_modules
+        from optimum_gblm.structure import prunable_modules
         from optimum_gblm.gradients import cached_gradient_norms
         model = tiny_model("llama")
         ids = torch.randint(0, 96, (6, 16), generator=torch.Generator().manual_seed(3))
@@ -408,7 +408,7 @@ def test_a_full_gradient_cache_disk_warns_and_the_run_goes_on(tmp_path):
     done = run_on_full_disk("""
         import torch
         from conftest import tiny_model
-        from optimum_gblm.engine import prunable_modules
+        from optimum_gblm.structure import prunable_modules
         from optimum_gblm.gradients import cached_gradient_norms, compute_gradient_norms
         model = tiny_model("llama")
         modules = prunable_modules(model)

@@ -3,9 +3,10 @@ import torch
 from conftest import tiny_model, weights_of
 
 from optimum_gblm import GBLMConfig, GBLMPruner
-from optimum_gblm.engine import HessianStats, prunable_modules, weight_matrix
 from optimum_gblm.masks import check_nm
 from optimum_gblm.obs import sparsegpt_prune
+from optimum_gblm.stats import HessianStats
+from optimum_gblm.structure import prunable_modules, weight_matrix
 
 
 def correlated_inputs(tokens=512, d_in=64, seed=0):

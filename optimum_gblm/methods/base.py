@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from ..config import GBLMConfig
-from ..engine import InputStats, weight_matrix
+from ..stats import InputStats
+from ..structure import weight_matrix
 
 Tensor = torch.Tensor
 Modules = dict[str, nn.Module]

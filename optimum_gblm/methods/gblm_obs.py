@@ -46,11 +46,11 @@ import torch
 from torch import nn
 
 from ..config import GBLMConfig, check_int, check_number, option, parse_auto_or_number
-from ..engine import as_matrix, weight_matrix
 from ..masks import select_mask
 from ..obs import cross_validated_mu, obs_prune
 from ..registry import register_method
 from ..scores import SCORES, auto_alpha
+from ..structure import as_matrix, weight_matrix
 from .base import PruningMethod, check_blocksize
 
 SELECTIONS = ("score", "joint")

@@ -18,9 +18,11 @@ import torch
 from torch import nn
 
 from ..config import GBLMConfig, check_number, option
-from ..engine import InputStats, run_layerwise, visit_without_calibration, weight_matrix
+from ..engine import run_layerwise, visit_without_calibration
 from ..registry import register_profile
 from ..scores import wanda_score
+from ..stats import InputStats
+from ..structure import weight_matrix
 from .base import Modules, PruningMethod, SparsityProfile, Tensor
 
 logger = logging.getLogger(__name__)

@@ -8,10 +8,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..engine import as_matrix, weight_matrix
 from ..masks import select_mask
 from ..registry import register_method
 from ..scores import SCORES, ScoreSpec, auto_alpha
+from ..structure import as_matrix, weight_matrix
 from .base import PruningMethod
 
 

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from ..config import GBLMConfig, check_int, option
-from ..engine import HessianStats, weight_matrix
 from ..obs import sparsegpt_prune
 from ..registry import register_method
+from ..stats import HessianStats
+from ..structure import weight_matrix
 from .base import PruningMethod, check_blocksize
 
 

@@ -1,0 +1,86 @@
+"""The model's structure as the layer-wise pass sees it: which module list holds the decoder blocks, which linears
+inside them can be pruned (never an embedding or a weight tied to one), and every weight as a (d_out, d_in) matrix
+(GPT-2's Conv1D stores it transposed). Reads a model, never changes one.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+PRUNABLE_TYPES = (nn.Linear, Conv1D)
+
+
+def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The `nn.ModuleList` of decoder blocks (e.g. `model.layers`, `transformer.h`, `gpt_neox.layers`).
+
+    Among module lists whose every entry holds a linear layer, the one with the most parameters wins.
+    """
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if not all(any(isinstance(m, PRUNABLE_TYPES) for m in block.modules()) for block in module):
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if best is None or size > best[0]:
+            best = (size, name, module)
+    if best is None:
+        raise ValueError(
+            f"{type(model).__name__} has no recognisable decoder blocks: the engine needs the transformer layers as "
+            f"an nn.ModuleList of blocks holding nn.Linear layers (as in LLaMA's model.layers or GPT-2's "
+            f"transformer.h). Pass a decoder-only causal LM from transformers."
+        )
+    return best[1], best[2]
+
+
+def _matches(name: str, targets: list[str] | None) -> bool:
+    if targets is None:
+        return True
+    # A target is a module-name suffix ("q_proj", "mlp.down_proj") or a full regex over the name within the block.
+    return any(name == t or name.endswith("." + t) or re.fullmatch(t, name) for t in targets)
+
+
+def block_layers(block: nn.Module, targets: list[str] | None = None) -> dict[str, nn.Module]:
+    """The prunable linears of one block, by their name inside the block."""
+    return {n: m for n, m in block.named_modules() if isinstance(m, PRUNABLE_TYPES) and _matches(n, targets)}
+
+
+def prunable_modules(model: nn.Module, targets: list[str] | None = None) -> dict[str, nn.Module]:
+    """Every prunable linear inside the decoder blocks, by full module name. Embeddings and lm_head never qualify."""
+    modules = {name: module for layers in layers_by_block(model, targets) for name, module in layers.items()}
+    if not modules:
+        prefix, blocks = find_decoder_blocks(model)
+        raise ValueError(
+            f"no prunable layer matched target_modules={targets!r} inside {prefix}; names look like "
+            f"{sorted(block_layers(blocks[0]))[:6]}."
+        )
+    return modules
+
+
+def layers_by_block(model: nn.Module, targets: list[str] | None = None) -> list[dict[str, nn.Module]]:
+    """The prunable linears of each block in order, by full module name; a linear whose weight is tied to an embedding
+    is left out (pruning it would prune the embedding), here and so in every pass of the engine."""
+    prefix, blocks = find_decoder_blocks(model)
+    tied = {
+        id(getattr(get(), "weight", None))
+        for get in (getattr(model, "get_output_embeddings", None), getattr(model, "get_input_embeddings", None))
+        if get is not None and get() is not None
+    }
+    return [
+        {f"{prefix}.{i}.{n}": m for n, m in block_layers(block, targets).items() if id(m.weight) not in tied}
+        for i, block in enumerate(blocks)
+    ]
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as a (d_out, d_in) view: GPT-2's Conv1D stores it transposed."""
+    return module.weight.t() if isinstance(module, Conv1D) else module.weight
+
+
+def as_matrix(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """Any tensor stored in the weight's own layout (gradient norms, masks) as a (d_out, d_in) view."""
+    return tensor.t() if isinstance(module, Conv1D) else tensor
