@@ -23,7 +23,7 @@ from optimum_gblm.evaluation import load_multiple_choice, multiple_choice_accura
 from optimum_gblm.files import write_atomically
 from optimum_gblm.hub import CARD_FILE, build_model_card
 from optimum_gblm.jobs import evaluation_texts, load_with_options, measure
-from optimum_gblm.sparse_state import GBLMHfQuantizer
+from optimum_gblm.quantizer import GBLMHfQuantizer
 
 logger = logging.getLogger("run_eval")
 

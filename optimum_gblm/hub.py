@@ -35,12 +35,10 @@ from typing import Any
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
-from . import checkpoint  # noqa: F401  (registers write_masks first: a save writes the masks, then the card)
 from .config import GBLMConfig
 from .files import write_atomically
 from .modeling import DEFAULT_MODEL_DISTRIBUTION, DEFAULT_MODEL_DISTRIBUTION_VERSION
 from .record import PruningRecord
-from .sparse_state import register_save_hook, set_push_handler
 
 logger = logging.getLogger(__name__)
 
@@ -402,11 +400,8 @@ def _save_card(card: ModelCard, folder: str | os.PathLike) -> Path:
 
 
 def write_model_card(model: Any, save_directory: str | os.PathLike) -> Path:
-    """The save hook: the card beside the weights and masks of every save of a pruned model."""
+    """The card beside the weights and masks of every save of a pruned model."""
     return _save_card(model_card(model), save_directory)
-
-
-register_save_hook(write_model_card)  # after checkpoint.write_masks (imported above)
 
 
 # -- what a push uploads ----------------------------------------------------------------------------------------
@@ -695,5 +690,3 @@ def push_to_hub(
         card = model_card(model, repo_id=name, tags=tags) if replace_model_card else None
         return push.commit(name, files, card, **commit)
 
-
-set_push_handler(push_to_hub)  # a pruned model's push_to_hub and save_pretrained(push_to_hub=True) upload through it

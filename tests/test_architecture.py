@@ -27,14 +27,14 @@ LAYERS: list[str | tuple[str, ...]] = [
     "engine",
     "obs",
     "methods",
-    "sparse_state",
+    "sparse_state",  # a pruned model's masks as data, gradient masking, the checks
     ("compressed", "semi_structured"),  # storage of pruned weights, GPU 2:4 kernels: what a pruned model can become
-    "checkpoint",  # below the pruner: GBLMPruner.quantize(save_dir) saves atomically; checkpoint never prunes
-    "pruner",
-    "training",
+    "checkpoint",  # the mask file, atomic whole-folder saves; checkpoint never prunes
     "options",  # recipe fields -> flags; the model card's reproduce line (hub) is generated from it
-    "hub",
-    "quantizer",
+    "hub",  # the model card and the upload
+    "quantizer",  # GBLMHfQuantizer: owns a pruned model's save, push and load, calling the three above
+    "pruner",  # attaches a GBLMHfQuantizer; PruneAtLoadQuantizer (transformers' "gblm") prunes while loading
+    "training",
     "jobs",
     "cli",
 ]
