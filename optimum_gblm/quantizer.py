@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers.quantizers.base import HfQuantizer
 
-from . import checkpoint, compressed, hub
+from . import card, checkpoint, compressed, hub
 from .config import GBLMConfig
 from .record import PruningRecord
 from .sparse_state import (
@@ -120,7 +120,7 @@ class GBLMHfQuantizer(HfQuantizer):
         """What a pruned checkpoint has beyond transformers' files: the mask file, then the card (which reads the
         record the masks' checksum is in). The Trainer's pushes call this too (`training.SparsityCallback`)."""
         checkpoint.write_masks(model, save_directory)
-        hub.write_model_card(model, save_directory)
+        card.write_model_card(model, save_directory)
 
     def push(self, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
         """A pruned model's `push_to_hub`: transformers' arguments (positional ones in its order) plus `_PUSH_EXTRAS`;

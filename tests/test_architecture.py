@@ -31,7 +31,8 @@ LAYERS: list[str | tuple[str, ...]] = [
     ("compressed", "semi_structured"),  # storage of pruned weights, GPU 2:4 kernels: what a pruned model can become
     "checkpoint",  # the mask file, atomic whole-folder saves; checkpoint never prunes
     "options",  # recipe fields -> flags; the model card's reproduce line (hub) is generated from it
-    "hub",  # the model card and the upload
+    "card",  # the model card
+    "hub",  # the upload
     "quantizer",  # GBLMHfQuantizer: owns a pruned model's save, push and load, calling the three above
     "pruner",  # attaches a GBLMHfQuantizer; PruneAtLoadQuantizer (transformers' "gblm") prunes while loading
     "training",

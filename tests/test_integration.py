@@ -291,11 +291,11 @@ def test_a_record_without_layer_sparsity_loads(tmp_path, recorded):
 
 
 def test_a_save_writes_weights_then_masks_then_card_each_once(monkeypatch, tmp_path):
-    from optimum_gblm import checkpoint, hub
+    from optimum_gblm import card, checkpoint
 
     model = pruned()
     written = []
-    for module, name in ((checkpoint, "write_masks"), (hub, "write_model_card")):
+    for module, name in ((checkpoint, "write_masks"), (card, "write_model_card")):
         original = getattr(module, name)
 
         def recording(model, folder, original=original, name=name):
