@@ -211,3 +211,25 @@ def test_cycles_and_ranks_are_recognised():
     assert rank_of(f"{PACKAGE}.methods.score") == rank_of(f"{PACKAGE}.methods") > rank_of(f"{PACKAGE}.engine")
     assert rank_of(f"{PACKAGE}.masks") == rank_of(f"{PACKAGE}.scores")
     assert rank_of(f"{PACKAGE}.nowhere") is None
+
+
+def test_every_name_the_docs_import_from_the_package_is_public():
+    """`__all__` is the public API: every name the README, docs and examples take from `optimum_gblm` itself is in
+    it, and every name in it exists."""
+    import re
+
+    import optimum_gblm
+
+    texts = [ROOT.parent / "README.md", *(ROOT.parent / "docs").glob("*.md"), *(ROOT.parent / "examples").glob("*.py")]
+    used = set()
+    for path in texts:
+        for names in re.findall(r"from optimum_gblm import ([\w, ]+)", path.read_text(encoding="utf-8")):
+            used.update(name.strip() for name in names.split(",") if name.strip())
+        used.update(re.findall(r"optimum_gblm\.([A-Z]\w+|[a-z]\w+)\(", path.read_text(encoding="utf-8")))
+    # The README's API section names calls in code spans (`PruningRuntime(...)`, `load_model(...)`): those the
+    # package has at its top level are its API too.
+    readme = (ROOT.parent / "README.md").read_text(encoding="utf-8")
+    used.update(name for name in re.findall(r"`(\w+)\(", readme) if hasattr(optimum_gblm, name))
+    assert used, "the docs import something from optimum_gblm"
+    assert sorted(used - set(optimum_gblm.__all__)) == []
+    assert all(hasattr(optimum_gblm, name) for name in optimum_gblm.__all__)
