@@ -19,11 +19,11 @@ from pathlib import Path
 from arguments import EvaluationArguments, ModelArguments, TaskArguments, parse, setup_logging
 
 from optimum_gblm import record_evaluation
+from optimum_gblm.card import CARD_FILE, build_model_card
 from optimum_gblm.evaluation import load_multiple_choice, multiple_choice_accuracy, zero_shot
 from optimum_gblm.files import write_atomically
-from optimum_gblm.hub import CARD_FILE, build_model_card
 from optimum_gblm.jobs import evaluation_texts, load_with_options, measure
-from optimum_gblm.sparse_state import GBLMHfQuantizer
+from optimum_gblm.quantizer import GBLMHfQuantizer
 
 logger = logging.getLogger("run_eval")
 

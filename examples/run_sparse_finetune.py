@@ -35,7 +35,8 @@ from optimum_gblm.jobs import (
     split_shipped_text,
 )
 from optimum_gblm.options import arguments_dataclass, pruning_arguments_dataclass, runtime_arguments_dataclass
-from optimum_gblm.sparse_state import GBLMHfQuantizer, check_weights_match_masks
+from optimum_gblm.quantizer import GBLMHfQuantizer
+from optimum_gblm.sparse_state import check_weights_match_masks
 
 logger = logging.getLogger("run_sparse_finetune")
 

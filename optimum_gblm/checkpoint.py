@@ -3,8 +3,8 @@
 `config.json` (`quantization_config`) holds the recipe and the record; `gblm_masks.safetensors` holds the masks, 1 bit
 per prunable weight, with their shapes in its metadata. In dense storage (the default) the weights keep their exact
 zeros, so a stack that ignores our key still loads a correct model; `optimum_gblm.compressed` writes the kept values
-only (storage="compressed"). Importing this module registers `write_masks` with `sparse_state.SAVE_HOOKS`,
-so a pruned model's `save_pretrained` writes its masks.
+only (storage="compressed"). A pruned model's quantizer (`quantizer.GBLMHfQuantizer`) calls `write_masks` when it
+saves and `find_masks_file` / `read_masks` when it loads.
 """
 
 from __future__ import annotations
@@ -28,13 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .files import OwnerLock, as_os_error, write_atomically
-from .sparse_state import (
-    GBLMHfQuantizer,
-    attach_masks,
-    check_weights_match_masks,
-    pruning_quantizer,
-    register_save_hook,
-)
+from .sparse_state import check_weights_match_masks, pruning_quantizer
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +67,6 @@ def write_masks(model: nn.Module, save_directory: str | os.PathLike) -> Path:
     return target
 
 
-register_save_hook(write_masks)
-
 
 def find_masks_file(model: nn.Module, masks_file: str, checkpoint_dir: str | None = None) -> str:
     """The mask file of the checkpoint `model` was loaded from: beside its weights, in its folder, or on the Hub."""
@@ -94,16 +86,6 @@ def find_masks_file(model: nn.Module, masks_file: str, checkpoint_dir: str | Non
             f"the weights as a plain dense model."
         )
     return path
-
-
-def load_masks(model: nn.Module, quantizer: GBLMHfQuantizer, checkpoint_dir: str | None = None) -> GBLMHfQuantizer:
-    """Read the masks of the checkpoint `model` was just loaded from and attach them, verified against the checksum,
-    the weights and the recorded sparsity (what `from_pretrained` does for quant_method "gblm")."""
-    path = find_masks_file(model, quantizer.quantization_config.masks_file, checkpoint_dir)
-    packed, shapes = read_masks(path)
-    attach_masks(model, quantizer.quantization_config, packed, shapes, verify=True, quantizer=quantizer)
-    logger.info("loaded %d GBLM masks from %s and verified them against the weights", len(packed), path)
-    return quantizer
 
 
 # -- whole-folder saves ---------------------------------------------------------------------------------------------

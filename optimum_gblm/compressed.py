@@ -47,7 +47,7 @@ from transformers.core_model_loading import ConversionOps, WeightConverter
 
 from .masks import unpack_mask
 from .placement import Onloaded
-from .sparse_state import GBLMHfQuantizer, check_weights_match_masks, set_state_dict_hook
+from .sparse_state import MaskHolder, check_weights_match_masks
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def refuse_semi_structured(model: nn.Module) -> None:
             )
 
 
-def compressed_state_dict(model: nn.Module, quantizer: GBLMHfQuantizer) -> dict[str, torch.Tensor]:
+def compressed_state_dict(model: nn.Module, quantizer: MaskHolder) -> dict[str, torch.Tensor]:
     """The model's state dict with every pruned weight replaced by its kept values (`compress_weight`).
 
     The weights must still obey their masks (a non-zero where a mask prunes would be lost without a trace, so it is
@@ -117,7 +117,7 @@ def compressed_state_dict(model: nn.Module, quantizer: GBLMHfQuantizer) -> dict[
     return state
 
 
-def storage_state_dict(model: nn.Module, quantizer: GBLMHfQuantizer) -> tuple[dict[str, torch.Tensor] | None, dict[str, str]]:
+def storage_state_dict(model: nn.Module, quantizer: MaskHolder) -> tuple[dict[str, torch.Tensor] | None, dict[str, str]]:
     """What transformers' `save_pretrained` writes for a pruned model (the `get_state_dict_and_metadata` contract):
     `(None, {})`, the model's own state dict, for dense storage; the compressed state dict and a metadata entry
     naming the storage for compressed storage."""
@@ -128,8 +128,6 @@ def storage_state_dict(model: nn.Module, quantizer: GBLMHfQuantizer) -> tuple[di
     logger.info("writing %d pruned weights as kept values (compressed storage)", len(quantizer.packed_masks))
     return state, {STORAGE_METADATA_KEY: "compressed"}
 
-
-set_state_dict_hook(storage_state_dict)
 
 
 # -- loading ------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from optimum.quantization_base import OptimumQuantizer
 from torch import nn
+from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, register_quantizer
 
 from .checkpoint import check_output_dir, save_pretrained_atomically
 from .config import GBLMConfig, PruningRuntime
@@ -25,9 +26,10 @@ from .gradients import cached_gradient_norms, check_gradient_norms, check_not_fs
 from .layer_masks import prune_layers
 from .modeling import base_model_info, load_model, strip_gguf_quantization
 from .placement import check_compute_device, check_offload_writable, compute_on, is_offloaded
+from .quantizer import GBLMHfQuantizer, attach_masks
 from .record import PruningRecord
 from .registry import get_method, get_profile
-from .sparse_state import attach_masks, detach_masks, sparsity_report
+from .sparse_state import detach_masks, sparsity_report
 from .structure import find_decoder_blocks, prunable_modules, weight_matrix
 
 logger = logging.getLogger(__name__)
@@ -321,3 +323,30 @@ def prune(
     """Functional form: `prune(model, calibration, method="wanda", sparsity=0.5, tokenizer=tok)`."""
     pruner = GBLMPruner(config, **config_kwargs)
     return pruner.prune(model, calibration, tokenizer=tokenizer, gradient_norms=gradient_norms, text_column=text_column)
+
+
+class PruneAtLoadQuantizer(GBLMHfQuantizer):
+    """The quantizer transformers instantiates for quant_method "gblm": a pruned checkpoint loads as
+    `GBLMHfQuantizer` loads it; `from_pretrained(dense, quantization_config=GBLMConfig(dataset=...))` prunes the
+    model once its weights are in."""
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        config = self.quantization_config
+        if not self.pre_quantized and config.dataset is None and needs_calibration(config):
+            raise ValueError(
+                "pruning while loading needs calibration data: GBLMConfig(dataset='c4' | 'wikitext2' | a local path, "
+                "tokenizer=...)."
+            )
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        if self.pre_quantized:
+            return super()._process_model_after_weight_loading(model, **kwargs)
+        config = self.quantization_config
+        tokenizer = config.tokenizer if config.tokenizer is not None else model.name_or_path
+        GBLMPruner(config).prune(model, config.dataset, tokenizer=tokenizer)
+        return model
+
+
+if AUTO_QUANTIZER_MAPPING.get("gblm") is not PruneAtLoadQuantizer:
+    AUTO_QUANTIZER_MAPPING.pop("gblm", None)
+    register_quantizer("gblm")(PruneAtLoadQuantizer)

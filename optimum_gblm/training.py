@@ -4,8 +4,8 @@ Trainer pushes to the Hub carries them.
 Masked gradients are already zeroed as they are produced (see `sparse_state.install_gradient_masking`), but weight
 decay and momentum can still move a pruned weight; the callback re-applies the masks after every optimizer step.
 Before each Trainer push (`on_push_begin`, transformers' extension point for it) it writes the masks and this
-package's model card into the folder the Trainer uploads, through the save hooks a pruned model's `save_pretrained`
-runs (`sparse_state.SAVE_HOOKS`: the checkpoint's mask file, the Hub's card), so this module needs neither.
+package's model card into the folder the Trainer uploads, as a pruned model's own save does
+(`GBLMHfQuantizer.write_masks_and_card`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Any
 from torch import nn
 from transformers import TrainerCallback
 
-from .sparse_state import SAVE_HOOKS, GBLMHfQuantizer, apply_masks
+from .quantizer import GBLMHfQuantizer
+from .sparse_state import apply_masks
 
 
 def _pruned(model: Any) -> nn.Module | None:
@@ -55,11 +56,5 @@ class SparsityCallback(TrainerCallback):
         model = _pruned(model)
         if model is None or not getattr(state, "is_world_process_zero", True):
             return  # only the main process uploads (Trainer.push_to_hub calls this on every process)
-        if not SAVE_HOOKS:
-            raise RuntimeError(
-                "no GBLM save hooks are registered: `import optimum_gblm` before training, so that the Trainer's "
-                "push carries the masks."
-            )
         os.makedirs(args.output_dir, exist_ok=True)
-        for hook in list(SAVE_HOOKS):  # the mask file, then the card (registration order)
-            hook(model, args.output_dir)
+        model.hf_quantizer.write_masks_and_card(model, args.output_dir)

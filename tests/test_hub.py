@@ -69,7 +69,7 @@ def test_saved_card_metadata_and_body(base_dir, tmp_path):
 
 
 def test_a_hub_base_model_is_named_in_the_metadata():
-    from optimum_gblm.hub import build_model_card
+    from optimum_gblm.card import build_model_card
     from optimum_gblm.record import PruningRecord
 
     record = PruningRecord(base_model={"name": "meta-llama/Llama-2-7b-hf", "license": "llama2"}, global_sparsity=0.5, layer_sparsity={})
@@ -357,8 +357,8 @@ def test_an_unreachable_hub_from_push_to_hub_names_the_repo_not_a_staging_folder
 
 # -- issue 8: Hub ids or nothing in the metadata; local files described, never named by path ---------------------
 def test_the_card_names_hub_ids_only_and_describes_local_files(tmp_path):
+    from optimum_gblm.card import build_model_card
     from optimum_gblm.cli import build_parser
-    from optimum_gblm.hub import build_model_card
     from optimum_gblm.record import PruningRecord
 
     heldout = tmp_path / "heldout.txt"
@@ -385,7 +385,7 @@ def test_the_card_names_hub_ids_only_and_describes_local_files(tmp_path):
     assert f"`heldout.txt` (local file, {heldout.stat().st_size:,} bytes, sha256 {digest})" in card
     assert "`calib.txt` (local file" in card
     # how to load: a clearly marked placeholder without a repo, the repo id when pushed
-    from optimum_gblm.hub import REPO_PLACEHOLDER
+    from optimum_gblm.card import REPO_PLACEHOLDER
 
     assert f'from_pretrained("{REPO_PLACEHOLDER}")' in card and "is a placeholder" in card
     assert 'from_pretrained("user/pruned")' in str(build_model_card(config, repo_id="user/pruned"))
@@ -399,7 +399,7 @@ def test_the_card_names_hub_ids_only_and_describes_local_files(tmp_path):
 
 
 def test_a_relative_name_is_no_base_model_and_the_default_model_install_is_spelled_out():
-    from optimum_gblm.hub import build_model_card
+    from optimum_gblm.card import build_model_card
     from optimum_gblm.modeling import DEFAULT_GGUF_FILE, DEFAULT_MODEL_ID
     from optimum_gblm.record import PruningRecord
 

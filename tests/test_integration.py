@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from optimum_gblm import GBLMConfig, GBLMPruner, SparsityCallback, apply_masks
 from optimum_gblm.checkpoint import read_masks
-from optimum_gblm.sparse_state import GBLMHfQuantizer, masks_checksum
+from optimum_gblm.quantizer import GBLMHfQuantizer
+from optimum_gblm.sparse_state import masks_checksum
 from optimum_gblm.structure import prunable_modules
 
 
@@ -288,19 +290,23 @@ def test_a_record_without_layer_sparsity_loads(tmp_path, recorded):
     assert all(torch.equal(loaded.hf_quantizer.mask(n), model.hf_quantizer.mask(n)) for n in model.hf_quantizer.packed_masks)
 
 
-def test_save_hooks_are_registered_once_in_order(monkeypatch):
-    from optimum_gblm import checkpoint, hub, sparse_state
+def test_a_save_writes_weights_then_masks_then_card_each_once(monkeypatch, tmp_path):
+    from optimum_gblm import card, checkpoint
 
-    assert sparse_state.SAVE_HOOKS == [checkpoint.write_masks, hub.write_model_card]  # masks first, then the card
-    assert sparse_state.PUSH_HANDLER is hub.push_to_hub
-    monkeypatch.setattr(sparse_state, "SAVE_HOOKS", list(sparse_state.SAVE_HOOKS))
+    model = pruned()
+    written = []
+    for module, name in ((checkpoint, "write_masks"), (card, "write_model_card")):
+        original = getattr(module, name)
 
-    def write_masks(model, save_directory):  # a reloaded checkpoint module's function: same module and name
-        pass
+        def recording(model, folder, original=original, name=name):
+            written.append((name, sorted(p.name for p in Path(folder).iterdir())))
+            return original(model, folder)
 
-    write_masks.__module__, write_masks.__qualname__ = checkpoint.write_masks.__module__, "write_masks"
-    sparse_state.register_save_hook(write_masks)
-    assert sparse_state.SAVE_HOOKS == [write_masks, hub.write_model_card]
+        monkeypatch.setattr(module, name, recording)
+    model.save_pretrained(tmp_path)
+    assert [name for name, _ in written] == ["write_masks", "write_model_card"]  # masks first, then the card
+    assert "model.safetensors" in written[0][1] and "config.json" in written[0][1], "weights and config come first"
+    assert "gblm_masks.safetensors" in written[1][1], "the card is written after the masks"
 
 
 def test_a_dequantized_model_saves_as_a_plain_dense_model(tmp_path):

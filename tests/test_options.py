@@ -9,10 +9,10 @@ import pytest
 from transformers import HfArgumentParser
 
 from optimum_gblm import options
+from optimum_gblm.card import reproduce_command
 from optimum_gblm.cli import build_parser
 from optimum_gblm.config import GBLMConfig, PruningRuntime, option
 from optimum_gblm.data import default_calibration_path
-from optimum_gblm.hub import reproduce_command
 from optimum_gblm.methods.base import PruningMethod
 from optimum_gblm.record import PruningRecord
 from optimum_gblm.registry import METHODS, PROFILES, register_method

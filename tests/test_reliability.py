@@ -107,14 +107,14 @@ def test_killed_save_leaves_the_existing_checkpoint_intact(tmp_path):
         import os, signal
         from conftest import tiny_model
         from optimum_gblm import GBLMConfig, GBLMPruner
-        from optimum_gblm import checkpoint, sparse_state
+        from optimum_gblm import checkpoint
         from optimum_gblm.checkpoint import save_pretrained_atomically
         model = tiny_model("llama", seed=1)
         GBLMPruner(GBLMConfig(method="magnitude")).prune(model)
         def die(*args, **kwargs):
             os.kill(os.getpid(), signal.SIGKILL)
         # killed after the weights are written, before the masks
-        sparse_state.SAVE_HOOKS[sparse_state.SAVE_HOOKS.index(checkpoint.write_masks)] = die
+        checkpoint.write_masks = die
         save_pretrained_atomically(model, {str(target)!r}, overwrite=True)
     """, tmp_path)
     assert digest(target) == before, "the old checkpoint must be untouched"
@@ -430,22 +430,23 @@ def test_a_full_gradient_cache_disk_warns_and_the_run_goes_on(tmp_path):
 def test_two_saves_into_one_folder_at_once_end_with_one_complete_checkpoint(tmp_path, monkeypatch, overwrite):
     """The second save runs whole inside the first one, between its weights and its masks (a forced interleaving):
     it must not remove the first one's staging folder, and the first one must see that the folder is taken."""
-    from optimum_gblm import checkpoint, sparse_state
+    from optimum_gblm import checkpoint
     from optimum_gblm.checkpoint import save_pretrained_atomically
 
     target = tmp_path / "ckpt"
     first, second = pruned_model(seed=0), pruned_model(seed=1)
     seen = {}
 
+    write_masks = checkpoint.write_masks
+
     def second_save_meanwhile(model, folder):
         if model is first and not seen:
             owners = [p.read_text().split()[0] for p in tmp_path.glob(".ckpt.tmp-*.lock")]
             seen["owners"] = owners
             seen["second"] = save_pretrained_atomically(second, target, overwrite=overwrite)
-        return checkpoint.write_masks(model, folder)
+        return write_masks(model, folder)
 
-    hooks = [second_save_meanwhile if h is checkpoint.write_masks else h for h in sparse_state.SAVE_HOOKS]
-    monkeypatch.setattr(sparse_state, "SAVE_HOOKS", hooks)
+    monkeypatch.setattr(checkpoint, "write_masks", second_save_meanwhile)
     if overwrite:
         save_pretrained_atomically(first, target, overwrite=True)
         winner = first  # the later save wins
