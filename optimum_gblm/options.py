@@ -244,7 +244,7 @@ def _checked(flags: list[Flag]) -> list[Flag]:
     seen_flag: dict[str, str] = {}
     for flag in flags:
         spellings = [*flag.flags, *([flag.negative_flag] if flag.negative_flag else [])]
-        if flag.kind == "bool" and flag.owner is not None:
+        if flag.kind == "bool" and flag.owner is not None and not (flag.dest == flag.option and flag.option_default is False):
             spellings.append("--no-" + flag.primary[2:])
         for spelling in spellings:
             if spelling in seen_flag:
@@ -268,6 +268,11 @@ def all_flags() -> list[Flag]:
 # -- argparse ----------------------------------------------------------------------------------------------------
 def _add(group: Any, flag: Flag, required: bool = False) -> None:
     if flag.kind == "bool":
+        if flag.owner is not None and flag.dest == flag.option and flag.option_default is False:
+            # a shared switch that is off by default (--use-variant): turned on or left unset, as before it was shared
+            action, names, default, text = "store_const", flag.flags, None, flag.help
+            group.add_argument(*names, dest=flag.dest, action=action, const=True, default=default, help=text)
+            return
         if flag.owner is not None:  # unset (None) = the option's default, so both directions are spelt out
             action, names, default, text = argparse.BooleanOptionalAction, flag.flags, None, flag.help
         elif flag.negative_flag:
