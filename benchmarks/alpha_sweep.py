@@ -250,7 +250,7 @@ def main() -> None:
             if args.gradients_only:
                 continue
             for pattern in args.patterns.split(","):
-                nm = parse_pattern(pattern)
+                nm = parse_pattern(pattern).nm
                 sparsity = args.sparsity if nm is None else nm[0] / nm[1]
                 for norm in norms:
                     for alpha in alphas:
@@ -263,7 +263,7 @@ def main() -> None:
                         restore()
                         tick = time.perf_counter()
                         recipe = {"method": "wanda"} if alpha == 0 else {"method": "gblm", "gradient_norm": norm, "alpha": alpha}
-                        config = GBLMConfig(**recipe, sparsity=sparsity, pattern=pattern, num_samples=num_samples, seqlen=args.seqlen, seed=seed)
+                        config = GBLMConfig.from_dict(recipe, sparsity=sparsity, pattern=pattern, num_samples=num_samples, seqlen=args.seqlen, seed=seed)
                         GBLMPruner(config, show_progress=False).prune(model, calibration, gradient_norms=gradient_norms.get(norm) if alpha != 0 else None)
                         if row is None:
                             layer_alpha = model.config.quantization_config.record.layer_settings.get("alpha")

@@ -141,10 +141,10 @@ def main() -> None:
     def config_for(label: str, pattern: str, seed: int) -> GBLMConfig | ValueError:
         """The run's config, or the error for a combination the config refuses (e.g. OWL with N:M): such
         combinations are skipped and never computed for."""
-        nm = parse_pattern(pattern)
+        nm = parse_pattern(pattern).nm
         try:
-            return GBLMConfig(
-                **METHODS[label], pattern=pattern, sparsity=args.sparsity if nm is None else nm[0] / nm[1],
+            return GBLMConfig.from_dict(
+                {**METHODS[label]}, pattern=pattern, sparsity=args.sparsity if nm is None else nm[0] / nm[1],
                 num_samples=args.num_samples, seqlen=args.seqlen, seed=seed,
             )
         except ValueError as error:

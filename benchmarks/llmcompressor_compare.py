@@ -159,7 +159,7 @@ def wanda_dense_ours(model, calibration, pattern: str, names: list[str]) -> dict
         for handle in handles:
             handle.remove()
     config = GBLMConfig(method="wanda", pattern=pattern, sparsity=0.5)
-    return {n: select_mask(wanda_score(weight_matrix(modules[n]), stats[n].sq_mean), config).cpu() for n in names}
+    return {n: select_mask(wanda_score(weight_matrix(modules[n]), stats[n].sq_mean), config.sparsity, config.sparsity_pattern).cpu() for n in names}
 
 
 def git_commit() -> str:

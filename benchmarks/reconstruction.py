@@ -245,12 +245,12 @@ def main() -> None:
             calibration = get_calibration_data(calibration_text, tokenizer, args.num_samples, args.seqlen, seed)
             gradient_s = "-"
             for pattern in common.comma_list(args.patterns):
-                nm = parse_pattern(pattern)
+                nm = parse_pattern(pattern).nm
                 for label in common.comma_list(args.methods):
                     if (label, pattern, seed) in done:
                         continue
-                    config = GBLMConfig(
-                        **METHODS[label], pattern=pattern, sparsity=args.sparsity if nm is None else nm[0] / nm[1],
+                    config = GBLMConfig.from_dict(
+                        {**METHODS[label]}, pattern=pattern, sparsity=args.sparsity if nm is None else nm[0] / nm[1],
                         num_samples=args.num_samples, seqlen=args.seqlen, seed=seed,
                     )
                     restore()

@@ -26,34 +26,53 @@ from .files import write_atomically
 from .record import FLAT_RESULT_KEYS, PruningRecord
 from .registry import METHODS, PROFILES, get_method, get_profile
 
-GRADIENT_NORMS = ("l1", "l2")
-SCOPES = ("row", "layer")
 # How save_pretrained writes pruned weights (see `optimum_gblm.compressed`); not part of what pruning did.
 STORAGES = ("dense", "compressed")
-# Keys of earlier versions that from_dict still reads: old name -> new name.
+# Keys of earlier versions that from_dict still reads (see `translate_stored_recipe`): old name -> new name.
 RENAMED_KEYS = {"gradient_scale": "alpha"}
 # Flat per-method keys of earlier versions: old key -> (method or profile it belonged to, option name).
 FLAT_METHOD_KEYS = {"sparsegpt_damping": ("sparsegpt", "damping"), "sparsegpt_blocksize": ("sparsegpt", "blocksize")}
 FLAT_PROFILE_KEYS = {"owl_threshold": ("owl", "threshold"), "owl_lambda": ("owl", "spread")}
+# Settings that earlier versions kept flat on the recipe and that now live in the options of the methods that have
+# them (`methods.base.ScoreOptions`, `GradientOptions`): old key -> the value it held, in a recipe of a method without
+# that option, that meant nothing (None: any value; earlier versions ignored alpha and gradient_norm there, and
+# refused scope and use_variant off their defaults).
+FLAT_OPTION_KEYS = {"alpha": None, "gradient_norm": None, "scope": "row", "use_variant": False}
 # Runtime settings that earlier versions stored in the recipe; they never changed the result.
 RUNTIME_KEYS = ("gradient_checkpointing",)
 # Files transformers, PEFT and tokenizers write beside the weights: a mask file must never take one of their names.
 RESERVED_FILE = re.compile(r"(model|pytorch_model|adapter_model|tokenizer|consolidated)([-.].*)?\.safetensors", re.IGNORECASE)
 
 
-def parse_pattern(pattern: str) -> tuple[int, int] | None:
-    """Return `(n, m)` for an N:M pattern such as "2:4", `None` for "unstructured".
+@dataclass(frozen=True)
+class SparsityPattern:
+    """A pattern string, parsed: `kind` names its mask selector (`masks.register_pattern`), `n` and `m` an N:M
+    pattern's "n removed in every m inputs" (0 for unstructured)."""
 
-    Raises `ValueError` naming the fix for anything else.
-    """
+    kind: str
+    n: int = 0
+    m: int = 0
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """(n, m) for an N:M pattern, None otherwise."""
+        return (self.n, self.m) if self.kind == "nm" else None
+
+
+UNSTRUCTURED = SparsityPattern("unstructured")
+
+
+def parse_pattern(pattern: str) -> SparsityPattern:
+    """The one parser of pattern strings: "unstructured", or N:M such as "2:4". Raises `ValueError` naming the fix
+    for anything else."""
     if pattern == "unstructured":
-        return None
+        return UNSTRUCTURED
     if isinstance(pattern, str) and pattern.count(":") == 1:
         n_text, m_text = pattern.split(":")
         if re.fullmatch(r"[0-9]+", n_text.strip()) and re.fullmatch(r"[0-9]+", m_text.strip()):
             n, m = int(n_text), int(m_text)
             if 0 < n < m:
-                return n, m
+                return SparsityPattern("nm", n, m)
             raise ValueError(
                 f"pattern {pattern!r}: N:M needs 0 < N < M (N weights removed in every group of M), "
                 f"for example '2:4' or '4:8'."
@@ -103,45 +122,118 @@ def option(default: Any = dataclasses.MISSING, help: str = "", **metadata: Any) 
     return field(**kwargs)
 
 
-def _fill_absent_options(values: dict[str, Any], default_method: str) -> list[str] | None:
+def _fill_absent_options(values: dict[str, Any], options_class: type | None) -> None:
     """A stored recipe lacking an option that has `absent=` metadata was written before that option existed: give it
-    the value that matches what was done then (e.g. gblm_obs gradient_form="bonus"), not today's default. Returns
-    the stored option keys when something was filled (their checksum covers only those), else None."""
+    the value that matches what was done then (e.g. gblm_obs gradient_form="bonus"), not today's default."""
     stored = values.get("method_options")
-    method = get_method(values.get("method", default_method)) if isinstance(values.get("method", default_method), str) else None
-    options_class = getattr(method, "Options", None)
     if not isinstance(stored, dict) or not stored or options_class is None:
-        return None
+        return
     fields = dataclasses.fields(options_class)
-    absent = {f.name: f.metadata["absent"] for f in fields if "absent" in f.metadata}
-    missing = {name: value for name, value in absent.items() if name not in stored}
+    missing = {f.name: f.metadata["absent"] for f in fields if "absent" in f.metadata and f.name not in stored}
     # A stored recipe lists every option of its day, so it has all the options that never had an `absent` value; a
     # hand-written partial dict does not, and gets today's defaults.
-    if not missing or not all(f.name in stored for f in fields if "absent" not in f.metadata):
-        return None
-    values["method_options"] = {**stored, **missing}
-    return sorted(stored)
+    if missing and all(f.name in stored for f in fields if "absent" not in f.metadata):
+        values["method_options"] = {**stored, **missing}
+
+
+def _move_flat_keys(values: dict[str, Any], table: dict[str, tuple[str, str]], target: str, owner_key: str) -> None:
+    for old, (owner, name) in table.items():
+        if old in values:
+            value = values.pop(old)
+            # An old recipe listed every method's settings; only the chosen method's ones mean anything.
+            if values.get(owner_key, GBLMConfig.__dataclass_fields__[owner_key].default) == owner:
+                values[target] = {**(values.get(target) or {}), name: value}
+
+
+def _move_flat_options(values: dict[str, Any], options_class: type | None) -> None:
+    """alpha, gradient_norm, scope and use_variant were flat recipe fields: they go into the method's options when it
+    has them, and are dropped where they meant nothing (see FLAT_OPTION_KEYS); anything else is refused by name."""
+    names = {f.name for f in dataclasses.fields(options_class)} if options_class is not None else set()
+    options = values.get("method_options")
+    options = dict(options) if isinstance(options, dict) else options
+    for key in FLAT_OPTION_KEYS:
+        if key not in values:
+            continue
+        value = values.pop(key)
+        if isinstance(options, dict) and key in options:
+            raise ValueError(f"GBLMConfig got {key!r} both flat (an old recipe's) and in method_options; keep one.")
+        ignored = FLAT_OPTION_KEYS[key]
+        if key in names or (ignored is not None and not (value == ignored and type(value) is type(ignored))):
+            options = {**(options or {}), key: value}
+    if options is not None:
+        values["method_options"] = options
+
+
+def translate_stored_recipe(stored: dict[str, Any]) -> dict[str, Any]:
+    """Today's `GBLMConfig` keyword arguments from a recipe of any earlier version: the one place that knows the
+    old layouts (renamed keys, flat method / profile / result keys, runtime keys, options added since)."""
+    values = dict(stored)
+    for old, new in RENAMED_KEYS.items():
+        if old in values:
+            if new in values:
+                raise ValueError(f"GBLMConfig got both {old!r} and its new name {new!r}; keep only {new!r}.")
+            values[new] = values.pop(old)
+    results = {k: values.pop(k) for k in FLAT_RESULT_KEYS if k in values}
+    if results and any(v is not None for v in results.values()):
+        if values.get("record") is not None:
+            raise ValueError(f"GBLMConfig got both a record and the flat result keys {sorted(results)}; keep the record.")
+        values["record"] = PruningRecord.from_dict({k: v for k, v in results.items() if v is not None})
+    for key in RUNTIME_KEYS:
+        values.pop(key, None)
+    _move_flat_keys(values, FLAT_METHOD_KEYS, "method_options", "method")
+    _move_flat_keys(values, FLAT_PROFILE_KEYS, "profile_options", "sparsity_profile")
+    method_name = values.get("method", GBLMConfig.__dataclass_fields__["method"].default)
+    method = METHODS.get(method_name) if isinstance(method_name, str) else None
+    options_class = getattr(method, "Options", None)
+    _move_flat_options(values, options_class)
+    _fill_absent_options(values, options_class)
+    return values
+
+
+def _shared_by(name: str) -> str | None:
+    """What a registered method's shared option `name` applies to (its `shared_by` metadata), if any has it."""
+    for method in METHODS.values():
+        options_class = getattr(method, "Options", None)
+        for f in dataclasses.fields(options_class) if options_class is not None else ():
+            if f.name == name and f.metadata.get("shared_by"):
+                return f.metadata["shared_by"]
+    return None
 
 
 def options_dict(options_class: type | None, values: Any, what: str) -> dict[str, Any]:
     """Validate `values` (a mapping or an instance of `options_class`) and return every option, defaults filled in."""
-    if options_class is None:
-        if values:
-            raise ValueError(f"{what} takes no options, got {values!r}.")
-        return {}
     if dataclasses.is_dataclass(values) and not isinstance(values, type):
-        if not isinstance(values, options_class):
-            raise ValueError(f"{what} needs {options_class.__name__}, got {type(values).__name__}.")
+        if options_class is None or not isinstance(values, options_class):
+            expected = options_class.__name__ if options_class is not None else "no options"
+            raise ValueError(f"{what} needs {expected}, got {type(values).__name__}.")
         values = dataclasses.asdict(values)
     if values is None:
         values = {}
     if not isinstance(values, dict):
         raise ValueError(f"{what} options must be a mapping such as {{'damping': 0.01}}, got {type(values).__name__}.")
-    names = {f.name for f in dataclasses.fields(options_class)}
+    names = {f.name for f in dataclasses.fields(options_class)} if options_class is not None else set()
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ValueError(f"{what} has no options {unknown}; its options are {sorted(names)}.")
-    return dataclasses.asdict(options_class(**values))
+        shared = sorted({s for s in map(_shared_by, unknown) if s})
+        where = f": {'/'.join(unknown)} apply to {' and '.join(shared)}, not to {what}" if shared else ""
+        if options_class is None:
+            raise ValueError(f"{what} takes no options, got {values!r}{where}.")
+        raise ValueError(f"{what} has no options {unknown}{where}; its options are {sorted(names)}.")
+    return dataclasses.asdict(options_class(**values)) if options_class is not None else {}
+
+
+def option_flag(owner: str, name: str, kind: str = "method") -> str:
+    """The command-line flag of option `name` of a registered method (or, with kind="profile", sparsity profile):
+    `--<owner>-<name>` (`--sparsegpt-damping`, `--owl-spread`), or `--<name>` for an option several methods share
+    (metadata `shared_by`: `--alpha`, `--scope`). The one rule: the CLI and every error message that names a flag
+    use it."""
+    table = METHODS if kind == "method" else PROFILES
+    options_class = getattr(table.get(owner), "Options", None)
+    fields = {f.name: f for f in dataclasses.fields(options_class)} if options_class is not None else {}
+    if name not in fields:
+        raise ValueError(f"{kind} {owner!r} has no option {name!r}.")
+    stem = name if fields[name].metadata.get("shared_by") else f"{owner}_{name}"
+    return "--" + stem.replace("_", "-")
 
 
 @dataclass
@@ -163,11 +255,13 @@ class PruningRuntime:
 class GBLMConfig(QuantizationConfigMixin):
     """How to prune a causal LM: the recipe, saved as `quantization_config` in the checkpoint's config.json.
 
-    `method_options` holds the chosen method's own settings (its `Options` dataclass, e.g. SparseGPT's damping and
-    block size) and `profile_options` the sparsity profile's (OWL's threshold and spread); both accept a mapping or
-    the dataclass and are stored with every default filled in. `record` is what the run measured (see
-    `PruningRecord`); it is filled in by the pruner. Old checkpoints' flat keys (`sparsegpt_damping`, `owl_lambda`,
-    `layer_sparsity`, ...) still load through `from_dict`.
+    `method_options` holds the chosen method's own settings (its `Options` dataclass: GBLM's alpha and gradient_norm,
+    the score methods' scope and use_variant, SparseGPT's damping and block size, ...) and `profile_options` the
+    sparsity profile's (OWL's threshold and spread); both accept a mapping or the dataclass and are stored with every
+    default filled in; `method_settings()` and `profile_settings()` give them back as the dataclasses. `record` is
+    what the run measured (see `PruningRecord`); it is filled in by the pruner. Recipes of earlier versions (flat
+    `alpha`, `sparsegpt_damping`, `owl_lambda`, `layer_sparsity`, ...) still load through `from_dict`
+    (`translate_stored_recipe`).
     """
 
     method: str = option(
@@ -177,23 +271,12 @@ class GBLMConfig(QuantizationConfigMixin):
     )
     sparsity: float = option(0.5, "share of each layer's weights removed, in [0, 1); with N:M it must equal N/M")
     pattern: str = option("unstructured", "'unstructured' or N:M such as 2:4 / 4:8 (N removed in every M inputs)")
-    gradient_norm: str = option("l1", "accumulation of per-sequence gradients: l1 (the paper) or l2", choices=GRADIENT_NORMS)
-    # None until validated: each method names its own default (gblm: the paper's 100; gblm_obs: "auto", the value its
-    # measurements used), and the config then holds that value, so a saved recipe never depends on our defaults.
-    alpha: float | str | None = option(
-        None,
-        "weight of the gradient term: a number >= 0 (0 = Wanda) or 'auto' (per-layer scale match); default: the "
-        "method's (gblm: the paper's 100; gblm_obs: auto)",
-        parse=parse_alpha,
-    )
     num_samples: int = option(128, "calibration sequences N (reference: 128)")
     seqlen: int = option(2048, "tokens per calibration sequence T (reference: 2048)")
     seed: int = option(0, "seed for drawing calibration windows")
     target_modules: list[str] | None = option(
         None, "only these linears inside the decoder blocks (suffixes such as q_proj, or regexes); default: all", nargs="+"
     )
-    use_variant: bool = option(False, "Wanda's variant: one cumulative-score threshold per matrix (unstructured)")
-    scope: str = option("row", "unstructured masks per output row (Wanda/GBLM) or per layer (reference magnitude)", choices=SCOPES)
     sparsity_profile: str = option(
         "uniform", "sparsity per layer: uniform, or owl (outlier-weighted per block, unstructured)", choices=lambda: sorted(PROFILES)
     )
@@ -217,86 +300,25 @@ class GBLMConfig(QuantizationConfigMixin):
     quant_method: str = field(default="gblm", init=False)
 
     def __post_init__(self) -> None:
-        self._legacy_recipe: dict[str, Any] | None = None
-        self._stored_option_keys: list[str] | None = None
+        # The recipe as config.json stored it, when from_dict read it: the masks checksum of a checkpoint written by
+        # an earlier version covers that form (see checksum_recipes).
+        self._stored_recipe: dict[str, Any] | None = None
         self.validate()
 
     # -- validation -------------------------------------------------------------------------------------------
     def validate(self) -> None:
+        """Check every field (raising `ValueError` with the fix) and normalise it: numbers to float, the pattern
+        parsed once (`sparsity_pattern`), options with their defaults filled in."""
         method = get_method(self.method) if isinstance(self.method, str) else None
         if method is None:
             raise ValueError(f"method {self.method!r} is unknown: choose one of {sorted(METHODS)}.")
-        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or math.isnan(self.sparsity):
-            raise ValueError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}.")
-        if not 0.0 <= float(self.sparsity) < 1.0:
-            raise ValueError(f"sparsity must lie in [0, 1), got {self.sparsity!r}; 0.5 removes half of each layer.")
-        self.sparsity = float(self.sparsity)
-        nm = parse_pattern(self.pattern)
-        if nm is not None:
-            n, m = nm
-            if not math.isclose(self.sparsity, n / m, abs_tol=1e-9):
-                raise ValueError(
-                    f"pattern {self.pattern!r} removes exactly {n}/{m} = {n / m:g} of the weights, but sparsity is "
-                    f"{self.sparsity:g}: set sparsity={n / m:g} or choose another pattern."
-                )
-            if self.use_variant:
-                raise ValueError("use_variant (Wanda's variant) only applies to pattern='unstructured'.")
-            if self.scope != "row":
-                raise ValueError("scope='layer' only applies to pattern='unstructured'; N:M masks are per row.")
-        if not isinstance(self.gradient_norm, str) or self.gradient_norm not in GRADIENT_NORMS:
-            raise ValueError(f"gradient_norm must be one of {GRADIENT_NORMS}, got {self.gradient_norm!r}.")
-        if self.alpha is None:
-            self.alpha = method.default_alpha
-        if self.alpha != "auto":
-            if (
-                isinstance(self.alpha, bool)
-                or not isinstance(self.alpha, (int, float))
-                or not math.isfinite(self.alpha)
-                or self.alpha < 0
-            ):
-                raise ValueError(
-                    f"alpha must be a finite number >= 0 (0 is Wanda) or 'auto', got {self.alpha!r}; leave it out for "
-                    f"{self.method}'s default ({method.default_alpha})."
-                )
-            self.alpha = float(self.alpha)
+        self._validate_sparsity_and_pattern()
         check_int("num_samples", self.num_samples, 1)
         check_int("seqlen", self.seqlen, 2)
         check_int("seed", self.seed, 0)
         self._validate_target_modules()
-        if not isinstance(self.use_variant, bool):
-            raise ValueError(f"use_variant must be True or False, got {self.use_variant!r}.")
-        if not isinstance(self.scope, str) or self.scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}.")
-        if self.use_variant and self.scope != "row":
-            raise ValueError("use_variant picks per-row thresholds; it cannot be combined with scope='layer'.")
-        # Names and paths only: objects (datasets, tokenizers) are run-time inputs of prune(), not part of a recipe.
-        for name, fix in (
-            ("dataset", "a name ('c4', 'wikitext2') or a path; pass other calibration data to prune(model, calibration)"),
-            ("tokenizer", "a tokenizer's name or path; pass a tokenizer object to prune(model, calibration, tokenizer=tokenizer)"),
-        ):
-            value = getattr(self, name)
-            if isinstance(value, os.PathLike):
-                setattr(self, name, value := os.fspath(value))
-            if value is not None and not isinstance(value, str):
-                raise ValueError(f"{name} must be {fix} instead; got {type(value).__name__}.")
-        if (
-            not isinstance(self.masks_file, str)
-            or not self.masks_file.endswith(".safetensors")
-            or "/" in self.masks_file
-            or "\\" in self.masks_file
-            or self.masks_file.startswith(".")
-        ):
-            raise ValueError(f"masks_file must be a file name ending in .safetensors, got {self.masks_file!r}.")
-        if RESERVED_FILE.fullmatch(self.masks_file):
-            raise ValueError(
-                f"masks_file {self.masks_file!r} would overwrite the checkpoint's weights, adapter or tokenizer files; "
-                f"choose another name such as 'gblm_masks.safetensors'."
-            )
-        if not isinstance(self.storage, str) or self.storage not in STORAGES:
-            raise ValueError(
-                f"storage must be one of {STORAGES} (dense: zero-filled weights any stack loads; compressed: kept "
-                f"values only, needs optimum-gblm to load), got {self.storage!r}."
-            )
+        self._validate_names()
+        self._validate_storage()
         self.method_options = options_dict(method.Options, self.method_options, f"method {self.method!r}")
         profile = get_profile(self.sparsity_profile) if isinstance(self.sparsity_profile, str) else None
         if profile is None:
@@ -308,6 +330,21 @@ class GBLMConfig(QuantizationConfigMixin):
             self.record = PruningRecord.from_dict(self.record)
         if self.record is not None and not isinstance(self.record, PruningRecord):
             raise ValueError(f"record must be a PruningRecord, a mapping or None, got {type(self.record).__name__}.")
+
+    def _validate_sparsity_and_pattern(self) -> None:
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or math.isnan(self.sparsity):
+            raise ValueError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}.")
+        if not 0.0 <= float(self.sparsity) < 1.0:
+            raise ValueError(f"sparsity must lie in [0, 1), got {self.sparsity!r}; 0.5 removes half of each layer.")
+        self.sparsity = float(self.sparsity)
+        self._sparsity_pattern = parse_pattern(self.pattern)
+        nm = self._sparsity_pattern.nm
+        if nm is not None and not math.isclose(self.sparsity, nm[0] / nm[1], abs_tol=1e-9):
+            n, m = nm
+            raise ValueError(
+                f"pattern {self.pattern!r} removes exactly {n}/{m} = {n / m:g} of the weights, but sparsity is "
+                f"{self.sparsity:g}: set sparsity={n / m:g} or choose another pattern."
+            )
 
     def _validate_target_modules(self) -> None:
         if self.target_modules is None:
@@ -328,12 +365,50 @@ class GBLMConfig(QuantizationConfigMixin):
                     f"suffix such as 'q_proj' or escape special characters (re.escape)."
                 ) from None
 
+    def _validate_names(self) -> None:
+        # Names and paths only: objects (datasets, tokenizers) are run-time inputs of prune(), not part of a recipe.
+        for name, fix in (
+            ("dataset", "a name ('c4', 'wikitext2') or a path; pass other calibration data to prune(model, calibration)"),
+            ("tokenizer", "a tokenizer's name or path; pass a tokenizer object to prune(model, calibration, tokenizer=tokenizer)"),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                setattr(self, name, value := os.fspath(value))
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} must be {fix} instead; got {type(value).__name__}.")
+
+    def _validate_storage(self) -> None:
+        if (
+            not isinstance(self.masks_file, str)
+            or not self.masks_file.endswith(".safetensors")
+            or "/" in self.masks_file
+            or "\\" in self.masks_file
+            or self.masks_file.startswith(".")
+        ):
+            raise ValueError(f"masks_file must be a file name ending in .safetensors, got {self.masks_file!r}.")
+        if RESERVED_FILE.fullmatch(self.masks_file):
+            raise ValueError(
+                f"masks_file {self.masks_file!r} would overwrite the checkpoint's weights, adapter or tokenizer files; "
+                f"choose another name such as 'gblm_masks.safetensors'."
+            )
+        if not isinstance(self.storage, str) or self.storage not in STORAGES:
+            raise ValueError(
+                f"storage must be one of {STORAGES} (dense: zero-filled weights any stack loads; compressed: kept "
+                f"values only, needs optimum-gblm to load), got {self.storage!r}."
+            )
+
     # -- derived ----------------------------------------------------------------------------------------------
     @property
-    def nm(self) -> tuple[int, int] | None:
-        return parse_pattern(self.pattern)
+    def sparsity_pattern(self) -> SparsityPattern:
+        """The pattern, parsed when the config was validated."""
+        return self._sparsity_pattern
 
-    def options(self) -> Any:
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """(n, m) of an N:M pattern, None for unstructured."""
+        return self._sparsity_pattern.nm
+
+    def method_settings(self) -> Any:
         """The method's options as its `Options` dataclass (None for a method without options)."""
         options_class = get_method(self.method).Options
         return None if options_class is None else options_class(**self.method_options)
@@ -342,6 +417,12 @@ class GBLMConfig(QuantizationConfigMixin):
         """The sparsity profile's options as its `Options` dataclass (None for a profile without options)."""
         options_class = get_profile(self.sparsity_profile).Options
         return None if options_class is None else options_class(**self.profile_options)
+
+    def with_values(self, **values: Any) -> GBLMConfig:
+        """A validated copy with some fields replaced (e.g. the calibration size a run actually used, its record)."""
+        copied = GBLMConfig(**{**{f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.init}, **values})
+        copied._stored_recipe = self._stored_recipe
+        return copied
 
     # -- (de)serialisation ------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -356,65 +437,38 @@ class GBLMConfig(QuantizationConfigMixin):
         return values
 
     def checksum_recipes(self) -> list[dict[str, Any]]:
-        """Recipes a stored masks checksum may cover: today's, the flat form an older checkpoint was written in, and
-        today's under another `storage` or without it (a checkpoint written before the field existed).
+        """Recipes a stored masks checksum may cover: today's, the form config.json stored it in (a checkpoint of an
+        earlier version checksummed its own layout), and each under another `storage` or without it (a checkpoint
+        written before the field existed).
 
         `storage` is how the weights were written, not what pruning did: re-saving a pruned model in the other
         storage must not invalidate its checksum.
         """
-        recipe = self.recipe()
-        bases = [recipe]
-        if self._stored_option_keys is not None:  # written before some of its method's options existed
-            stored = {k: v for k, v in recipe["method_options"].items() if k in self._stored_option_keys}
-            bases.append({**recipe, "method_options": stored})
-        candidates = bases + ([self._legacy_recipe] if self._legacy_recipe is not None else [])
+        bases = [self.recipe()] + ([self._stored_recipe] if self._stored_recipe is not None else [])
+        candidates = list(bases)
         for base in bases:
             candidates.append({k: v for k, v in base.items() if k != "storage"})
-            candidates += [{**base, "storage": storage} for storage in STORAGES if storage != self.storage]
+            candidates += [{**base, "storage": storage} for storage in STORAGES if storage != base.get("storage")]
         return candidates
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
-        """Build a config from `to_dict()` output, or from an older checkpoint's flat keys. Unknown keys are an error
-        (a typo must not pass silently)."""
+        """Build a config from `to_dict()` output, or from a recipe of an earlier version (see
+        `translate_stored_recipe`). Unknown keys are an error (a typo must not pass silently)."""
         if not isinstance(config_dict, dict):
             raise ValueError(f"GBLMConfig.from_dict needs a dict, got {type(config_dict).__name__}.")
-        values = {**config_dict, **kwargs}
-        flat = sorted(set(values) & (set(FLAT_RESULT_KEYS) | set(FLAT_METHOD_KEYS) | set(FLAT_PROFILE_KEYS) | set(RUNTIME_KEYS)))
-        legacy = {k: v for k, v in values.items() if k not in FLAT_RESULT_KEYS} if flat else None
-        for old, new in RENAMED_KEYS.items():
-            if old in values:
-                if new in values:
-                    raise ValueError(f"GBLMConfig got both {old!r} and its new name {new!r}; keep only {new!r}.")
-                values[new] = values.pop(old)
+        stored = {**config_dict, **kwargs}
+        values = translate_stored_recipe(stored)
         quant_method = values.pop("quant_method", "gblm")
         if quant_method != "gblm":
             raise ValueError(f"quant_method is {quant_method!r}; a GBLMConfig always has quant_method='gblm'.")
-        results = {k: values.pop(k) for k in FLAT_RESULT_KEYS if k in values}
-        if results and any(v is not None for v in results.values()):
-            if values.get("record") is not None:
-                raise ValueError(f"GBLMConfig got both a record and the flat result keys {sorted(results)}; keep the record.")
-            values["record"] = PruningRecord.from_dict({k: v for k, v in results.items() if v is not None})
-        for key in RUNTIME_KEYS:
-            values.pop(key, None)
-        for table, target, owner_key in (
-            (FLAT_METHOD_KEYS, "method_options", "method"),
-            (FLAT_PROFILE_KEYS, "profile_options", "sparsity_profile"),
-        ):
-            for old, (owner, name) in table.items():
-                if old in values:
-                    value = values.pop(old)
-                    # An old recipe listed every method's settings; only the chosen method's ones mean anything.
-                    if values.get(owner_key, cls.__dataclass_fields__[owner_key].default) == owner:
-                        values[target] = {**(values.get(target) or {}), name: value}
         names = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(values) - names)
         if unknown:
             raise ValueError(f"GBLMConfig got unknown keys {unknown}; valid keys are {sorted(names)}.")
-        stored_keys = _fill_absent_options(values, cls.__dataclass_fields__["method"].default)
         config = cls(**values)
-        config._legacy_recipe = legacy
-        config._stored_option_keys = stored_keys
+        recipe = {k: copy.deepcopy(v) for k, v in stored.items() if k not in FLAT_RESULT_KEYS and k != "record"}
+        config._stored_recipe = recipe if recipe != config.recipe() else None
         return (config, {}) if return_unused_kwargs else config
 
     def to_json_string(self, use_diff: bool = False) -> str:

@@ -1,6 +1,8 @@
 """Mask selection from scores. A mask is a bool tensor shaped like the weight: True = keep, False = pruned.
 
-Patterns live in `MASK_SELECTORS`: a new pattern is one function plus one registry line.
+Patterns live in `MASK_SELECTORS`, keyed by `SparsityPattern.kind`: a new pattern is one function plus one registry
+line (and its string taught to `config.parse_pattern`). Selectors take data, not a config: the scores, the sparsity,
+the parsed pattern, and the score methods' mask choices (scope, Wanda's variant).
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ from collections.abc import Callable
 
 import torch
 
-from .config import GBLMConfig, parse_pattern
+from .config import UNSTRUCTURED, SparsityPattern
 
 logger = logging.getLogger(__name__)
 
-MaskSelector = Callable[[torch.Tensor, GBLMConfig, float], torch.Tensor]
+# selector(scores, sparsity, pattern, scope, use_variant) -> keep-mask
+MaskSelector = Callable[[torch.Tensor, float, SparsityPattern, str, bool], torch.Tensor]
 MASK_SELECTORS: dict[str, MaskSelector] = {}
 
 
@@ -87,27 +90,33 @@ def wanda_variant_mask(
 
 
 @register_pattern("unstructured")
-def unstructured_mask(scores: torch.Tensor, config: GBLMConfig, sparsity: float) -> torch.Tensor:
-    if config.use_variant:
+def unstructured_mask(
+    scores: torch.Tensor, sparsity: float, pattern: SparsityPattern, scope: str = "row", use_variant: bool = False
+) -> torch.Tensor:
+    if use_variant:
         return wanda_variant_mask(scores, sparsity)
-    if config.scope == "layer":
+    if scope == "layer":
         return layer_mask(scores, sparsity)
     return row_masks(scores, sparsity)
 
 
 @register_pattern("nm")
-def _nm_from_config(scores: torch.Tensor, config: GBLMConfig, sparsity: float) -> torch.Tensor:
-    n, m = parse_pattern(config.pattern)
-    return nm_mask(scores, n, m)
+def _nm_mask_of(
+    scores: torch.Tensor, sparsity: float, pattern: SparsityPattern, scope: str = "row", use_variant: bool = False
+) -> torch.Tensor:
+    return nm_mask(scores, pattern.n, pattern.m)  # N:M fixes the sparsity; the config refused other mask choices
 
 
-def pattern_kind(pattern: str) -> str:
-    return "unstructured" if parse_pattern(pattern) is None else "nm"
-
-
-def select_mask(scores: torch.Tensor, config: GBLMConfig, sparsity: float | None = None) -> torch.Tensor:
-    """The keep-mask for `scores` under `config`'s pattern (`sparsity` overrides the config's, e.g. per layer)."""
-    return MASK_SELECTORS[pattern_kind(config.pattern)](scores, config, config.sparsity if sparsity is None else sparsity)
+def select_mask(
+    scores: torch.Tensor,
+    sparsity: float,
+    pattern: SparsityPattern = UNSTRUCTURED,
+    scope: str = "row",
+    use_variant: bool = False,
+) -> torch.Tensor:
+    """The keep-mask for `scores` removing `sparsity` of them under `pattern` (`config.sparsity_pattern`);
+    `scope` and `use_variant` are the score methods' mask choices for unstructured patterns."""
+    return MASK_SELECTORS[pattern.kind](scores, sparsity, pattern, scope, use_variant)
 
 
 def check_nm(mask: torch.Tensor, n: int, m: int) -> bool:

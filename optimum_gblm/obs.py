@@ -41,7 +41,14 @@ from collections.abc import Sequence
 
 import torch
 
+from .config import option_flag
+
 Tensor = torch.Tensor
+
+
+def _damping_fix(method: str) -> str:
+    """The fix for a Hessian that damping did not make positive definite, naming `method`'s own flag."""
+    return f"a larger damping ({option_flag(method, 'damping')} 0.1, or method_options={{'damping': 0.1}})"
 
 
 def regularised_hessian(hessian: Tensor, mu: float = 0.0, eps: float = 0.01) -> tuple[Tensor, Tensor]:
@@ -66,10 +73,11 @@ def regularised_hessian(hessian: Tensor, mu: float = 0.0, eps: float = 0.01) -> 
     return H, dead
 
 
-def inverse_hessian_factor(hessian: Tensor, name: str = "layer") -> Tensor:
+def inverse_hessian_factor(hessian: Tensor, name: str = "layer", method: str = "sparsegpt") -> Tensor:
     """U, the upper Cholesky factor of H^-1 (H^-1 = U^T U), of an already regularised H (batches allowed).
 
-    Raises FloatingPointError naming the layer when H is not positive definite: more damping or data is the fix.
+    Raises FloatingPointError naming the layer when H is not positive definite: more damping (`method`'s damping
+    option) or data is the fix.
     """
     try:
         lower = torch.linalg.cholesky(hessian)
@@ -77,8 +85,8 @@ def inverse_hessian_factor(hessian: Tensor, name: str = "layer") -> Tensor:
         return torch.linalg.cholesky(inverse, upper=True)
     except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
         raise FloatingPointError(
-            f"OBS/SparseGPT: the Hessian of {name} is not positive definite after damping; use a larger damping "
-            f"(the method's damping option, e.g. method_options={{'damping': 0.1}} or --sparsegpt-damping 0.1), a larger mu, or more calibration data."
+            f"OBS/SparseGPT: the Hessian of {name} is not positive definite after damping; use {_damping_fix(method)}, "
+            f"a larger mu, or more calibration data."
         ) from None
 
 
@@ -161,6 +169,7 @@ def obs_prune(
     update: bool = True,
     saliency_scale: Tensor | None = None,
     refit_steps: int = 0,
+    method: str = "sparsegpt",
 ) -> tuple[Tensor, Tensor]:
     """(updated weight fp32 (d_out, d_in), keep-mask): prune and compensate with the OBS sweep on H_mu.
 
@@ -171,6 +180,7 @@ def obs_prune(
     weight * keep_mask (dead columns untouched: the score method's weights); with update=False and no keep_mask the
     mask is chosen by the saliency of the un-updated weights. refit_steps > 0 then fits the kept weights on the mask
     under H_mu (`refit_kept_weights`, CG started from the sweep's); 0 leaves the sweep's (SparseGPT's) weights.
+    `method` names the method whose damping option the errors' fix names.
     """
     W = weight.detach().float().clone(memory_format=torch.contiguous_format)
     if keep_mask is not None:
@@ -192,14 +202,13 @@ def obs_prune(
     H, dead = regularised_hessian(hessian, mu, damping)
     W[:, dead] = 0
     target = W.clone() if update and refit_steps else None
-    U = inverse_hessian_factor(H, name)
+    U = inverse_hessian_factor(H, name, method)
     pruned = _sweep(W, U, blocksize, keep_mask, sparsity, nm, saliency_bonus, update, saliency_scale)
     if target is not None:
         W = refit_kept_weights(target, W, ~pruned, H, refit_steps)
     if not torch.isfinite(W).all():
         raise FloatingPointError(
-            f"OBS/SparseGPT produced NaN/inf weights for {name}; use a larger damping "
-            f"(the method's damping option, e.g. method_options={{'damping': 0.1}} or --sparsegpt-damping 0.1) or float32 weights."
+            f"OBS/SparseGPT produced NaN/inf weights for {name}; use {_damping_fix(method)} or float32 weights."
         )
     return W, ~pruned
 
@@ -247,11 +256,11 @@ def refit_kept_weights(
 
 def sparsegpt_prune(
     weight: Tensor, hessian: Tensor, sparsity: float, nm: tuple[int, int] | None = None,
-    blocksize: int = 128, damping: float = 0.01, name: str = "layer", refit_steps: int = 0,
+    blocksize: int = 128, damping: float = 0.01, name: str = "layer", refit_steps: int = 0, method: str = "sparsegpt",
 ) -> tuple[Tensor, Tensor]:
     """SparseGPT: obs_prune with mu=0 and the mask chosen jointly; (pruned and updated W fp32, keep-mask).
     refit_steps > 0 then moves the kept weights towards the least-squares fit on SparseGPT's mask (CG steps)."""
-    return obs_prune(weight, hessian, sparsity, nm, blocksize, damping, name=name, refit_steps=refit_steps)
+    return obs_prune(weight, hessian, sparsity, nm, blocksize, damping, name=name, refit_steps=refit_steps, method=method)
 
 
 @torch.no_grad()

@@ -11,8 +11,10 @@ serves any dataclass whose fields are declared with `config.option` (`option_fla
 `options_from_arguments`, `arguments_dataclass`): `optimum_gblm.jobs` declares the prune job's own settings that way.
 
 Naming: a recipe field `num_samples` is `--num-samples` (examples: `--num_samples`, which HfArgumentParser also
-accepts as `--num-samples`); a method or profile option `damping` of `sparsegpt` is `--sparsegpt-damping`. A method
-option left unset (None) means "the Options default", so the flag of another method can be told apart and refused.
+accepts as `--num-samples`); a method or profile option `damping` of `sparsegpt` is `--sparsegpt-damping`, and an
+option several methods share (`methods.base.ScoreOptions`, `GradientOptions`: metadata `shared_by`) keeps its plain
+name, `--alpha`, `--scope` (`config.option_flag` is the rule). A method option left unset (None) means "the Options
+default", so the flag of another method can be told apart and refused.
 
 Layering: this module imports `config` and `registry` only. It reads the registries when called, by which time
 `import optimum_gblm` has registered every method.
@@ -29,7 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .config import GBLMConfig, PruningRuntime
+from .config import GBLMConfig, PruningRuntime, option_flag
 from .registry import METHODS, PROFILES
 
 logger = logging.getLogger(__name__)
@@ -51,7 +53,8 @@ class Flag:
     default: Any  # the argparse / dataclass default (None for method and profile options: "their default")
     option: str  # the GBLMConfig field, or the Options field for a method / profile option
     option_default: Any  # the value the recipe holds when the flag is not given
-    owner: tuple[str, str] | None = None  # ("method" | "profile", registered name) for a method / profile option
+    # ("method" | "profile", the registered names whose option it is) for a method / profile option
+    owner: tuple[str, tuple[str, ...]] | None = None
     negative_flag: str | None = None  # bool defaulting to True: the flag that turns it off
     parse: Callable[[str], Any] | None = None  # config-level parser (e.g. alpha's "auto"), applied to text values
     hf_dest: str | None = None  # the example scripts' name when transformers spells it otherwise (model_name_or_path)
@@ -124,12 +127,12 @@ def format_value(value: Any) -> str:
 
 
 def _flag_for(
-    f: dataclasses.Field, hint: Any, dest: str, primary: str, option_default: Any, owner: tuple[str, str] | None
+    f: dataclasses.Field, hint: Any, dest: str, primary: str, option_default: Any, owner: tuple[str, tuple[str, ...]] | None
 ) -> Flag:
     meta = f.metadata
     text = str(meta.get("help") or "").strip()
     if not text:
-        where = f"{owner[0]} {owner[1]!r}'s option" if owner else "GBLMConfig field"
+        where = f"{owner[0]} {owner[1][0]!r}'s option" if owner else "GBLMConfig field"
         raise ValueError(f"{where} {f.name!r} has no help text: give it `option(default, 'help ...')`.")
     inner, optional = _strip_optional(hint)
     if isinstance(inner, str):  # unresolved annotation
@@ -162,8 +165,8 @@ def _flag_for(
     convert = _argument_type(parse, f.name) if parse is not None else element
     required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
     if owner is not None:
-        flag_of_owner = OWNER_FLAGS[owner[0]]
-        text = f"{text} (default: {_show(option_default)}; only with {flag_of_owner} {owner[1]})"
+        default = "" if "default" in text.lower() else f"default: {_show(option_default)}; "
+        text = f"{text} ({default}only with {OWNER_FLAGS[owner[0]]} {', '.join(owner[1])})"
     elif kind != "bool" and not required and "default" not in text.lower():
         text = f"{text} (default: {_show(option_default)})"
     aliases = meta.get("aliases") or ()
@@ -207,8 +210,9 @@ def recipe_flags() -> list[Flag]:
 
 
 def owner_flags() -> list[Flag]:
-    """One flag per option of every registered method and sparsity profile: `--{name}-{option}`."""
-    flags = []
+    """One flag per option of every registered method and sparsity profile (`config.option_flag`): `--{name}-{option}`,
+    or one `--{option}` for an option several methods share."""
+    owners: dict[str, tuple[str, str, dataclasses.Field, Any, list[str]]] = {}
     for kind, table in (("method", METHODS), ("profile", PROFILES)):
         for name in sorted(table):
             options_class = getattr(table[name], "Options", None)
@@ -218,10 +222,15 @@ def owner_flags() -> list[Flag]:
             for f in dataclasses.fields(options_class):
                 if not f.init or f.metadata.get("cli", True) is False:
                     continue
-                dest = f"{name}_{f.name}"
-                primary = "--" + dest.replace("_", "-")
-                flags.append(_flag_for(f, hints.get(f.name, f.type), dest, primary, _field_default(f), (kind, name)))
-    return flags
+                primary = option_flag(name, f.name, kind)
+                if primary in owners:
+                    owners[primary][4].append(name)  # a shared option: one flag for every method that has it
+                else:
+                    owners[primary] = (kind, primary, f, hints.get(f.name, f.type), [name])
+    return [
+        _flag_for(f, hint, primary[2:].replace("-", "_"), primary, _field_default(f), (kind, tuple(names)))
+        for kind, primary, f, hint, names in owners.values()
+    ]
 
 
 def runtime_flags() -> list[Flag]:
@@ -235,7 +244,7 @@ def _checked(flags: list[Flag]) -> list[Flag]:
     seen_flag: dict[str, str] = {}
     for flag in flags:
         spellings = [*flag.flags, *([flag.negative_flag] if flag.negative_flag else [])]
-        if flag.kind == "bool" and flag.owner is not None:
+        if flag.kind == "bool" and flag.owner is not None and not (flag.dest == flag.option and flag.option_default is False):
             spellings.append("--no-" + flag.primary[2:])
         for spelling in spellings:
             if spelling in seen_flag:
@@ -259,6 +268,11 @@ def all_flags() -> list[Flag]:
 # -- argparse ----------------------------------------------------------------------------------------------------
 def _add(group: Any, flag: Flag, required: bool = False) -> None:
     if flag.kind == "bool":
+        if flag.owner is not None and flag.dest == flag.option and flag.option_default is False:
+            # a shared switch that is off by default (--use-variant): turned on or left unset, as before it was shared
+            action, names, default, text = "store_const", flag.flags, None, flag.help
+            group.add_argument(*names, dest=flag.dest, action=action, const=True, default=default, help=text)
+            return
         if flag.owner is not None:  # unset (None) = the option's default, so both directions are spelt out
             action, names, default, text = argparse.BooleanOptionalAction, flag.flags, None, flag.help
         elif flag.negative_flag:
@@ -291,16 +305,16 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     for flag in flags:
         if flag.owner is None:
             _add(recipe, flag)
-    groups: dict[tuple[str, str], Any] = {}
+    groups: dict[tuple[str, tuple[str, ...]], Any] = {}
     for flag in flags:
         if flag.owner is None:
             continue
         if flag.owner not in groups:
-            kind, name = flag.owner
+            kind, names = flag.owner
             table = METHODS if kind == "method" else PROFILES
-            description = getattr(table[name], "help", "") or ""
+            description = getattr(table[names[0]], "help", "") or "" if len(names) == 1 else ""
             groups[flag.owner] = parser.add_argument_group(
-                f"{kind} {name} options", description.replace("%", "%%") or None
+                f"{kind} {', '.join(names)} options", description.replace("%", "%%") or None
             )
         _add(groups[flag.owner], flag)
 
@@ -380,9 +394,9 @@ def config_from_arguments(namespace: Any, **overrides: Any) -> GBLMConfig:
         value = getattr(namespace, flag.dest, None)
         if value is None:
             continue
-        kind, name = flag.owner  # type: ignore[misc]
-        if name != chosen[kind]:
-            stray.append(f"{flag.primary} (only with {OWNER_FLAGS[kind]} {name})")
+        kind, names = flag.owner  # type: ignore[misc]
+        if chosen[kind] not in names:
+            stray.append(f"{flag.primary} (only with {OWNER_FLAGS[kind]} {', '.join(names)})")
         else:
             options[kind][flag.option] = _value(flag, value)
     if stray:
@@ -438,19 +452,20 @@ def command_line_arguments(config: GBLMConfig, always: Iterable[str] = (), **rep
     arguments: list[str] = []
     for flag in recipe_flags():
         default = flag.option_default
-        if flag.option == "alpha" and recipe["method"] in METHODS:  # left out, alpha is the method's own default
-            default = METHODS[recipe["method"]].default_alpha
         value = recipe.get(flag.option, default)
         stated = flag.option in always and value is not None and flag.kind != "bool"
         if stated or not _same(value, default):
             arguments += _render(flag, value)
-    chosen = {"method": (recipe["method"], recipe.get("method_options") or {}),
-              "profile": (recipe["sparsity_profile"], recipe.get("profile_options") or {})}
+    chosen = {"method": (recipe["method"], recipe.get("method_options") or {}, METHODS),
+              "profile": (recipe["sparsity_profile"], recipe.get("profile_options") or {}, PROFILES)}
     for flag in owner_flags():
-        kind, name = flag.owner  # type: ignore[misc]
-        owner, values = chosen[kind]
-        if name == owner and flag.option in values and not _same(values[flag.option], flag.option_default):
-            arguments += _render(flag, values[flag.option])
+        kind, names = flag.owner  # type: ignore[misc]
+        owner, values, table = chosen[kind]
+        if owner in names and flag.option in values:
+            # the options' own defaults, as resolved for this owner (gblm_obs's alpha default is "auto", gblm's 100)
+            default = dataclasses.asdict(table[owner].Options())[flag.option]
+            if not _same(values[flag.option], default):
+                arguments += _render(flag, values[flag.option])
     return arguments
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -133,110 +134,142 @@ class GBLMPruner(OptimumQuantizer):
             tokenizer: tokenizer (or its name) for text calibration data; defaults to `config.tokenizer`.
             gradient_norms: precomputed norms (a dict or a safetensors path) instead of computing/caching them.
             text_column: the text column of a datasets.Dataset (ignored when it has input_ids).
+
+        Stages: check (everything that can fail, before the model changes), calibrate (the data, and the effective
+        recipe built once from it), gradients (stage 1, when the method needs them), prune (the layer-wise pass),
+        record (what was done, attached with the masks).
         """
-        config, runtime = self.config, self.runtime
-        method_class, profile = get_method(config.method), get_profile(config.sparsity_profile)(config)
-        needs_gradients = method_class.gradients_needed(config)
         start = time.perf_counter()
-        # Check everything before touching the model: bad input must leave it as it was.
+        plan = self._check(model, gradient_norms)
+        run = self._calibrate(model, calibration, tokenizer, text_column)
+        strip_gguf_quantization(model)  # GGUF's quantizer state would clash with ours
+        detach_masks(model)  # a fresh prune replaces any earlier one
+        norms, gradient_seconds = self._gradients(model, plan, run)
+        tick = time.perf_counter()
+        method = get_method(run.config.method)(run.config, norms)
+        with compute_on(plan.compute_device):  # the profile's measuring pass, if any, moves blocks there too
+            profile = get_profile(run.config.sparsity_profile)(run.config)
+            show = self.runtime.show_progress
+            sparsities = profile.layer_sparsities(model, run.input_ids, method, plan.modules, show_progress=show)
+            masks = prune_layers(model, run.input_ids, method, sparsities, run.config.target_modules, show)
+        timings = {"gradients": gradient_seconds, "prune": time.perf_counter() - tick, "total": 0.0}
+        timings["total"] = time.perf_counter() - start
+        self._record(model, plan, run, method, masks, timings)
+        return model
+
+    # -- the stages ---------------------------------------------------------------------------------------------
+    def _check(self, model: nn.Module, gradient_norms: dict[str, torch.Tensor] | str | os.PathLike | None) -> PrunePlan:
+        """Everything that can be checked before touching the model: bad input must leave it as it was."""
+        config = self.config
+        needs_gradients = get_method(config.method).gradients_needed(config)
         find_decoder_blocks(model)
         check_not_fsdp1(model, "pruning")
         modules = prunable_modules(model, config.target_modules)
         check_not_sharded(modules)
         check_offload_writable(modules)
-        compute_device = check_compute_device(model, runtime.compute_device)
+        compute_device = check_compute_device(model, self.runtime.compute_device)
         check_pattern_fits(modules, config)
         check_finite_weights(modules)
+        norms = None
         if needs_gradients and gradient_norms is None:
             check_gradients_computable(modules)
-        norms = None
-        if needs_gradients and gradient_norms is not None:
-            if isinstance(gradient_norms, (str, os.PathLike)):
-                norms = load_gradient_norms(gradient_norms, modules)
-            else:
-                check_gradient_norms(gradient_norms, modules)
-                norms = gradient_norms
+        elif needs_gradients and isinstance(gradient_norms, (str, os.PathLike)):
+            norms = load_gradient_norms(gradient_norms, modules)
+        elif needs_gradients:
+            check_gradient_norms(gradient_norms, modules)
+            norms = gradient_norms
+        return PrunePlan(modules, compute_device, needs_gradients, norms)
 
-        input_ids = None
-        if needs_calibration(config):
-            if calibration is None:
-                calibration = config.dataset
-            if calibration is None:
-                raise ValueError(
-                    f"method {config.method!r} needs calibration data: pass prune(model, calibration) or set "
-                    f"GBLMConfig(dataset=...)."
-                )
-            input_ids = get_calibration_data(
-                calibration,
-                tokenizer if tokenizer is not None else config.tokenizer,
-                num_samples=config.num_samples,
-                seqlen=config.seqlen,
-                seed=config.seed,
-                text_column=text_column,
+    def _calibrate(self, model: nn.Module, calibration: CalibrationSource | None, tokenizer: Any, text_column: str) -> PruneRun:
+        """The calibration token ids, and the effective recipe: the configured one with the calibration size actually
+        used (a tensor of token ids sets its own), validated now, while the model is untouched (a method may need
+        more sequences than were given)."""
+        config = self.config
+        if not needs_calibration(config):
+            return PruneRun(config.with_values(), None, None)
+        if calibration is None:
+            calibration = config.dataset
+        if calibration is None:
+            raise ValueError(
+                f"method {config.method!r} needs calibration data: pass prune(model, calibration) or set "
+                f"GBLMConfig(dataset=...)."
             )
-            check_token_ids(model, input_ids)
-            # What is actually used: a tensor of token ids sets its own size. The recipe is validated again with it
-            # now, while the model is untouched (a method may need more sequences than were given).
-            config = GBLMConfig.from_dict(
-                {**config.recipe(), "num_samples": int(input_ids.shape[0]), "seqlen": int(input_ids.shape[1])}
-            )
+        input_ids = get_calibration_data(
+            calibration,
+            tokenizer if tokenizer is not None else config.tokenizer,
+            num_samples=config.num_samples,
+            seqlen=config.seqlen,
+            seed=config.seed,
+            text_column=text_column,
+        )
+        check_token_ids(model, input_ids)
+        effective = config.with_values(num_samples=int(input_ids.shape[0]), seqlen=int(input_ids.shape[1]))
+        return PruneRun(effective, input_ids, source_description(calibration, text_column))
 
-        strip_gguf_quantization(model)  # GGUF's quantizer state would clash with ours
-        detach_masks(model)  # a fresh prune replaces any earlier one
-        gradient_seconds = 0.0
-        if needs_gradients and norms is None:
-            tick = time.perf_counter()
-            norms = cached_gradient_norms(
-                model,
-                input_ids,
-                modules,
-                norm=config.gradient_norm,  # stored without alpha: one cache serves every alpha
-                cache_dir=runtime.cache_dir,
-                use_cache=runtime.use_cache,
-                gradient_checkpointing=runtime.gradient_checkpointing,
-                show_progress=runtime.show_progress,
-            )
-            gradient_seconds = time.perf_counter() - tick
-
+    def _gradients(self, model: nn.Module, plan: PrunePlan, run: PruneRun) -> tuple[dict[str, torch.Tensor] | None, float]:
+        """Stage 1: the gradient norms the method needs (given, cached or computed) and the seconds spent."""
+        if not plan.needs_gradients or plan.gradient_norms is not None:
+            return plan.gradient_norms, 0.0
         tick = time.perf_counter()
-        method = method_class(config, norms)
-        with compute_on(compute_device):  # the profile's measuring pass, if any, moves blocks there too
-            sparsities = profile.layer_sparsities(model, input_ids, method, modules, show_progress=runtime.show_progress)
-            masks = prune_layers(model, input_ids, method, sparsities, config.target_modules, runtime.show_progress)
-        prune_seconds = time.perf_counter() - tick
+        norms = cached_gradient_norms(
+            model,
+            run.input_ids,
+            plan.modules,
+            norm=get_method(run.config.method).gradient_norm(run.config),  # stored without alpha: one cache, every alpha
+            cache_dir=self.runtime.cache_dir,
+            use_cache=self.runtime.use_cache,
+            gradient_checkpointing=self.runtime.gradient_checkpointing,
+            show_progress=self.runtime.show_progress,
+        )
+        return norms, time.perf_counter() - tick
 
-        report = sparsity_report(modules, {name: masks.mask(name) for name in masks.packed})
-        calibration_record = None
-        if input_ids is not None:
-            calibration_record = {
-                "source": source_description(calibration, text_column),
-                "num_samples": config.num_samples,
-                "seqlen": config.seqlen,
-                "seed": config.seed,
-            }
-        record = PruningRecord(
+    def _record(
+        self, model: nn.Module, plan: PrunePlan, run: PruneRun, method: Any, masks: Any, timings: dict[str, float]
+    ) -> None:
+        """Attach the masks and the effective recipe with its record (calibration, sparsity, per-layer settings)."""
+        config = run.config
+        report = sparsity_report(plan.modules, {name: masks.mask(name) for name in masks.packed})
+        calibration = None
+        if run.input_ids is not None:
+            calibration = {"source": run.source, "num_samples": config.num_samples, "seqlen": config.seqlen, "seed": config.seed}
+        config.record = PruningRecord(
             base_model=base_model_info(model),
-            calibration=calibration_record,
+            calibration=calibration,
             global_sparsity=report["global_sparsity"],
             layer_sparsity=report["layer_sparsity"],
             layer_settings=method.layer_settings,
-            timings_seconds={
-                "gradients": round(gradient_seconds, 3),
-                "prune": round(prune_seconds, 3),
-                "total": round(time.perf_counter() - start, 3),
-            },
+            timings_seconds={stage: round(seconds, 3) for stage, seconds in timings.items()},
         )
-        attach_masks(model, GBLMConfig.from_dict({**config.recipe(), "record": record}), masks.packed, masks.shapes)
+        attach_masks(model, config, masks.packed, masks.shapes)
         logger.info(
             "pruned %d layers with %s (%s): global sparsity %.4f; gradients %.1fs, prune %.1fs",
-            len(modules),
+            len(plan.modules),
             config.method,
             config.pattern,
             report["global_sparsity"],
-            gradient_seconds,
-            prune_seconds,
+            timings["gradients"],
+            timings["prune"],
         )
-        return model
+
+
+@dataclass
+class PrunePlan:
+    """What the check stage found: the layers to prune, where to compute, and the gradient norms given."""
+
+    modules: dict[str, nn.Module]
+    compute_device: torch.device | None
+    needs_gradients: bool
+    gradient_norms: dict[str, torch.Tensor] | None  # precomputed and checked; None: the gradient stage computes them
+
+
+@dataclass
+class PruneRun:
+    """What the calibrate stage produced: the effective recipe (built once per prune), the token ids and their
+    source's description (None without calibration)."""
+
+    config: GBLMConfig
+    input_ids: torch.Tensor | None
+    source: str | None
 
 
 def needs_calibration(config: GBLMConfig) -> bool:

@@ -8,7 +8,7 @@ from optimum_gblm import GBLMConfig
 def test_defaults_follow_the_reference():
     config = GBLMConfig()
     assert (config.method, config.sparsity, config.pattern) == ("gblm", 0.5, "unstructured")
-    assert (config.gradient_norm, config.alpha) == ("l1", 100.0)
+    assert (config.method_settings().gradient_norm, config.method_settings().alpha) == ("l1", 100.0)
     assert (config.num_samples, config.seqlen, config.seed) == (128, 2048, 0)
     assert config.target_modules is None and config.quant_method == "gblm"
 
@@ -16,13 +16,17 @@ def test_defaults_follow_the_reference():
 def test_alpha_left_out_is_the_methods_own_default_and_is_stored():
     # gblm keeps the paper's 100; every gblm_obs measurement used alpha="auto" (docs/results.md#gblm_obs), so its
     # out-of-the-box recipe is the measured one.
-    assert GBLMConfig().alpha == 100.0 and GBLMConfig(method="wanda").alpha == 100.0
+    # (wanda has no gradient term, so no alpha: it is an option of the methods with one)
+    assert GBLMConfig().method_settings().alpha == 100.0 and "alpha" not in GBLMConfig(method="wanda").method_options
     config = GBLMConfig(method="gblm_obs")
-    assert config.alpha == "auto" and json.loads(config.to_json_string())["alpha"] == "auto"
-    assert GBLMConfig(method="gblm_obs", alpha=100).alpha == 100.0
-    # a gblm_obs checkpoint written when every method defaulted to 100 keeps its 100
-    assert GBLMConfig.from_dict({**config.to_dict(), "alpha": 100.0}).alpha == 100.0
-    assert GBLMConfig.from_dict({"method": "gblm_obs"}).alpha == "auto"
+    assert config.method_settings().alpha == "auto"
+    assert json.loads(config.to_json_string())["method_options"]["alpha"] == "auto"
+    assert GBLMConfig(method="gblm_obs", method_options={"alpha": 100}).method_settings().alpha == 100.0
+    # a gblm_obs checkpoint written when every method defaulted to 100 (and alpha was a flat key) keeps its 100
+    old = config.to_dict()
+    del old["method_options"]["alpha"]
+    assert GBLMConfig.from_dict({**old, "alpha": 100.0}).method_settings().alpha == 100.0
+    assert GBLMConfig.from_dict({"method": "gblm_obs"}).method_settings().alpha == "auto"
 
 
 @pytest.mark.parametrize(
@@ -30,13 +34,13 @@ def test_alpha_left_out_is_the_methods_own_default_and_is_stored():
     [
         {},
         {"method": "wanda", "pattern": "2:4", "sparsity": 0.5},
-        {"method": "magnitude", "pattern": "unstructured", "sparsity": 0.3, "scope": "layer"},
-        {"method": "gblm", "gradient_norm": "l2", "alpha": 10.0, "target_modules": ["q_proj", "down_proj"]},
-        {"alpha": "auto", "gradient_norm": "l2"},
-        {"alpha": 0, "record": {"layer_settings": {"alpha": {"model.layers.0.mlp.up_proj": 12.5}}}},
+        {"method": "magnitude", "pattern": "unstructured", "sparsity": 0.3, "method_options": {"scope": "layer"}},
+        {"method": "gblm", "method_options": {"gradient_norm": "l2", "alpha": 10.0}, "target_modules": ["q_proj", "down_proj"]},
+        {"method_options": {"alpha": "auto", "gradient_norm": "l2"}},
+        {"method_options": {"alpha": 0}, "record": {"layer_settings": {"alpha": {"model.layers.0.mlp.up_proj": 12.5}}}},
         {"method": "sparsegpt", "method_options": {"damping": 0.1, "blocksize": 64}},
         {"sparsity_profile": "owl", "profile_options": {"threshold": 3.0, "spread": 0.05}},
-        {"method": "wanda", "use_variant": True, "sparsity": 0.6, "dataset": "c4", "tokenizer": "some/tok"},
+        {"method": "wanda", "method_options": {"use_variant": True}, "sparsity": 0.6, "dataset": "c4", "tokenizer": "some/tok"},
         {"pattern": "1:4", "sparsity": 0.25, "num_samples": 3, "seqlen": 7, "seed": 11},
     ],
 )
@@ -67,23 +71,23 @@ def test_json_file_round_trip(tmp_path):
         ({"pattern": "1:4"}, "set sparsity=0.25"),
         ({"pattern": "two:four"}, "use 'unstructured' or an N:M pattern"),
         ({"method": "random"}, "method 'random' is unknown"),
-        ({"gradient_norm": "linf"}, "gradient_norm must be one of"),
-        ({"alpha": -1}, "alpha must be a finite number >= 0"),
-        ({"alpha": float("inf")}, "alpha must be a finite number >= 0"),
-        ({"alpha": "automatic"}, "or 'auto'"),
-        ({"alpha": True}, "alpha must be a finite number >= 0"),
+        ({"method_options": {"gradient_norm": "linf"}}, "gradient_norm must be one of"),
+        ({"method_options": {"alpha": -1}}, "alpha must be a finite number >= 0"),
+        ({"method_options": {"alpha": float("inf")}}, "alpha must be a finite number >= 0"),
+        ({"method_options": {"alpha": "automatic"}}, "or 'auto'"),
+        ({"method_options": {"alpha": True}}, "alpha must be a finite number >= 0"),
         ({"record": {"layer_alpha": {"q": -2.0}}}, "layer_settings must map a setting name"),
         ({"method": "sparsegpt", "method_options": {"dampening": 0.1}}, "has no options ['dampening']"),
-        ({"method": "wanda", "method_options": {"damping": 0.1}}, "takes no options"),
+        ({"method": "wanda", "method_options": {"damping": 0.1}}, "has no options ['damping']"),
         ({"method": "sparsegpt", "pattern": "2:3", "sparsity": 2 / 3}, "must be a multiple of M=3"),
         ({"sparsity_profile": "owl", "pattern": "2:4"}, "needs pattern='unstructured'"),
         ({"sparsity_profile": "owl", "sparsity": 0.95, "profile_options": {"spread": 0.08}}, "lower it"),
         ({"tokenizer": object()}, "pass a tokenizer object to prune"),
         ({"target_modules": ["("]}, "neither a module name nor a valid regex"),
         ({"pattern": "\u00b2:4"}, "is not understood"),
-        ({"method": "sparsegpt", "scope": "layer"}, "apply to score methods"),
-        ({"method": "sparsegpt", "use_variant": True}, "apply to score methods"),
-        ({"method": "gblm_obs", "method_options": {"selection": "joint"}, "scope": "layer"}, "apply to score methods"),
+        ({"method": "sparsegpt", "method_options": {"scope": "layer"}}, "apply to score methods"),
+        ({"method": "sparsegpt", "method_options": {"use_variant": True}}, "apply to score methods"),
+        ({"method": "gblm_obs", "method_options": {"selection": "joint", "scope": "layer"}}, "apply to score methods"),
         ({"method": "gblm_obs", "method_options": {"score": ["gblm"]}}, "gblm_obs score must be one of"),
         ({"method": "gblm_obs", "method_options": {"mu_candidates": ["abc"]}}, "mu_candidates entry must be a number"),
         ({"masks_file": "model.safetensors"}, "would overwrite the checkpoint's weights"),
@@ -93,8 +97,8 @@ def test_json_file_round_trip(tmp_path):
         ({"num_samples": True}, "num_samples must be an integer >= 1"),
         ({"seqlen": 1}, "seqlen must be an integer >= 2"),
         ({"target_modules": [3]}, "target_modules must be a list of module names"),
-        ({"use_variant": True, "pattern": "2:4"}, "only applies to pattern='unstructured'"),
-        ({"scope": "block"}, "scope must be one of"),
+        ({"method_options": {"use_variant": True}, "pattern": "2:4"}, "only applies to pattern='unstructured'"),
+        ({"method_options": {"scope": "block"}}, "scope must be one of"),
     ],
 )
 def test_bad_values_name_the_fix(kwargs, message):
@@ -113,7 +117,7 @@ def test_from_dict_rejects_unknown_keys_and_foreign_methods():
 
 
 def test_checkpoints_with_the_old_gradient_scale_key_still_load():
-    assert GBLMConfig.from_dict({"gradient_scale": 10.0}).alpha == 10.0
+    assert GBLMConfig.from_dict({"gradient_scale": 10.0}).method_settings().alpha == 10.0
     with pytest.raises(ValueError, match="keep only 'alpha'"):
         GBLMConfig.from_dict({"gradient_scale": 10.0, "alpha": 10.0})
 
@@ -175,3 +179,23 @@ def test_a_remeasurement_without_dense_keeps_the_earlier_dense_number():
     assert record.evaluation == [{**entry, "perplexity": 48.0, "dense_perplexity": 40.0}]
     record.record_evaluation({**entry, "num_tokens": 2048, "perplexity": 47.0, "dense_perplexity": None})
     assert record.evaluation[-1]["dense_perplexity"] is None  # another protocol: no dense number to keep
+
+
+def test_recipes_with_the_flat_method_settings_of_earlier_versions_load():
+    # Before each method's settings lived in its options, alpha, gradient_norm, scope and use_variant were flat keys.
+    old = GBLMConfig(method_options={"alpha": 10.0, "gradient_norm": "l2"}).to_dict()
+    flat = old.pop("method_options")
+    old = {**old, **flat, "method_options": {}}
+    loaded = GBLMConfig.from_dict(old)
+    assert loaded.method_options == flat
+    # the masks checksum of such a checkpoint covers its own layout
+    assert {k: v for k, v in old.items() if k != "record"} in loaded.checksum_recipes()
+    # every old recipe listed them, whatever the method: where they meant nothing they are dropped
+    sparsegpt = {"method": "sparsegpt", "alpha": 100.0, "gradient_norm": "l1", "scope": "row", "use_variant": False,
+                 "method_options": {"damping": 0.05, "blocksize": 128, "refit_steps": 0}}
+    assert GBLMConfig.from_dict(sparsegpt).method_options == {"damping": 0.05, "blocksize": 128, "refit_steps": 0}
+    assert "alpha" not in GBLMConfig.from_dict({"method": "wanda", "alpha": 5.0}).method_options  # ignored then too
+    with pytest.raises(ValueError, match="apply to score methods"):  # refused then, refused now
+        GBLMConfig.from_dict({"method": "sparsegpt", "scope": "layer"})
+    with pytest.raises(ValueError, match="both flat"):
+        GBLMConfig.from_dict({"alpha": 5.0, "method_options": {"alpha": 6.0}})

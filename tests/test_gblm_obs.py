@@ -10,7 +10,8 @@ from optimum_gblm.structure import prunable_modules, weight_matrix
 
 def pruned(method, calibration_ids, pattern="unstructured", alpha=None, **options):
     model = tiny_model("llama")
-    config = GBLMConfig(method=method, pattern=pattern, alpha=alpha, method_options=options)
+    options = options if alpha is None else {**options, "alpha": alpha}
+    config = GBLMConfig(method=method, pattern=pattern, method_options=options)
     GBLMPruner(config, use_cache=False, show_progress=False).prune(model, calibration_ids)
     return model
 
@@ -24,7 +25,7 @@ def test_without_update_it_is_the_score_method(pattern, score):
     # one rounding (~6e-8) apart, where many sequences put ~1e-6 between them and can flip a near-tied mask choice
     # on another machine's BLAS. The 1/mu-sized update (~1e-9) leaves later blocks' inputs as good as equal.
     calibration_ids = torch.randint(0, 96, (1, 2), generator=torch.Generator().manual_seed(1))
-    reference = weights_of(pruned(score, calibration_ids, pattern, alpha=100.0))
+    reference = weights_of(pruned(score, calibration_ids, pattern, alpha=100.0 if score == "gblm" else None))  # wanda has no alpha
     model = pruned("gblm_obs", calibration_ids, pattern, alpha=100.0, score=score, selection="score", mu=1e9)
     for name, value in weights_of(model).items():
         assert torch.equal(value == 0, reference[name] == 0), name
@@ -80,7 +81,7 @@ def test_options_are_checked():
         GBLMConfig(method="gblm_obs", method_options={"update_mu": -1})
     with pytest.raises(ValueError, match="gblm_obs mu must be a number >= 0 or 'auto'"):
         GBLMConfig(method="gblm_obs", method_options={"mu": -1})
-    assert not GBLMConfig(method="gblm_obs", method_options={"score": "wanda"}).options().score == "gblm"
+    assert not GBLMConfig(method="gblm_obs", method_options={"score": "wanda"}).method_settings().score == "gblm"
 
 
 def test_too_few_sequences_for_the_folds_are_refused_before_any_weight_changes():
@@ -97,7 +98,7 @@ def test_too_few_sequences_for_the_folds_are_refused_before_any_weight_changes()
 
 def test_default_is_joint_selection_at_mu_half_with_the_gradient_factor_and_refit(calibration_ids):
     # The default recipe is the measured one (docs/results.md#gblm_obs): joint mask on H + Diag(H), gradient factor.
-    options = GBLMConfig(method="gblm_obs").options()
+    options = GBLMConfig(method="gblm_obs").method_settings()
     assert (options.selection, options.mu, options.update_mu, options.gradient_form, options.refit_steps) == (
         "joint", 0.5, None, "scale", 10
     )
@@ -138,14 +139,14 @@ def test_a_checkpoint_written_before_refit_steps_existed_loads_without_refit():
     stored = config.to_dict()
     del stored["method_options"]["refit_steps"]
     loaded = GBLMConfig.from_dict(stored)
-    assert (loaded.options().gradient_form, loaded.options().refit_steps, loaded.options().mu) == ("scale", 0, 1.0)
+    assert (loaded.method_settings().gradient_form, loaded.method_settings().refit_steps, loaded.method_settings().mu) == ("scale", 0, 1.0)
     assert {**config.recipe(), "method_options": stored["method_options"]} in loaded.checksum_recipes()
 
 
 def test_a_hand_written_partial_recipe_gets_todays_defaults():
     # Not a stored recipe (it does not list every option of any day): nothing is filled as "absent".
     loaded = GBLMConfig.from_dict({"method": "gblm_obs", "method_options": {"mu": 0.3}})
-    assert (loaded.options().gradient_form, loaded.options().refit_steps, loaded.options().mu) == ("scale", 10, 0.3)
+    assert (loaded.method_settings().gradient_form, loaded.method_settings().refit_steps, loaded.method_settings().mu) == ("scale", 10, 0.3)
 
 
 def test_auto_mu_scores_the_update_it_will_use(monkeypatch):
@@ -171,12 +172,12 @@ def test_a_checkpoint_written_before_gradient_form_existed_loads_as_the_bonus_it
         del stored["method_options"][added]
     recipe_then = {**config.recipe(), "method_options": dict(stored["method_options"])}
     loaded = GBLMConfig.from_dict(stored)
-    assert loaded.options().gradient_form == "bonus" and loaded.options().update_mu is None
-    assert loaded.options().refit_steps == 0, "no checkpoint before the option refitted"
+    assert loaded.method_settings().gradient_form == "bonus" and loaded.method_settings().update_mu is None
+    assert loaded.method_settings().refit_steps == 0, "no checkpoint before the option refitted"
     assert recipe_then in loaded.checksum_recipes()
     assert config.recipe() in loaded.checksum_recipes()
     # a config written today keeps its own recipe, and today's default
-    assert GBLMConfig.from_dict(GBLMConfig(method="gblm_obs").to_dict()).options().gradient_form == "scale"
+    assert GBLMConfig.from_dict(GBLMConfig(method="gblm_obs").to_dict()).method_settings().gradient_form == "scale"
     assert recipe_then not in GBLMConfig.from_dict(config.to_dict()).checksum_recipes()
 
 
@@ -194,7 +195,7 @@ def test_the_gradient_factor_is_one_plus_alpha_g_over_sqrt_a_squared(calibration
     monkeypatch.setattr(module, "obs_prune", spy)
     model = tiny_model("llama")
     norms = compute_gradient_norms(model, calibration_ids, prunable_modules(model), show_progress=False)
-    config = GBLMConfig(method="gblm_obs", alpha=2.0)
+    config = GBLMConfig(method="gblm_obs", method_options={"alpha": 2.0})
     GBLMPruner(config, use_cache=False, show_progress=False).prune(model, calibration_ids, gradient_norms=norms)
     assert set(seen) == set(norms)
     for name, (hessian, scale) in seen.items():

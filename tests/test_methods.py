@@ -69,4 +69,8 @@ def test_names_are_checked_when_registering():
         register_method("wanda")(type("Other", (PruningMethod,), {}))
     with pytest.raises(ValueError, match="must be a Python identifier"):
         register_method("my-method")(type("Other", (PruningMethod,), {}))
-    assert GBLMConfig(method="wanda").options() is None
+    register_method("plain")(type("Plain", (PruningMethod,), {}))
+    try:
+        assert GBLMConfig(method="plain").method_settings() is None  # a method without options
+    finally:
+        METHODS.pop("plain")

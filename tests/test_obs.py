@@ -135,6 +135,17 @@ def test_inverse_hessian_factor_and_a_clear_error():
         obs_prune(torch.randn(4, 8), torch.full((8, 8), float("nan")), 0.5)
 
 
+def test_a_damping_error_names_the_flag_of_the_method_that_ran():
+    # gblm_obs has its own damping option: its users must be told --gblm-obs-damping, not SparseGPT's flag
+    indefinite = -torch.eye(8)
+    indefinite[0, 0] = 1.0
+    with pytest.raises(FloatingPointError, match="--gblm-obs-damping") as error:
+        obs_prune(torch.randn(4, 8), indefinite, 0.5, mu=1.0, name="layer", method="gblm_obs")
+    assert "--sparsegpt-damping" not in str(error.value)
+    with pytest.raises(FloatingPointError, match="--sparsegpt-damping"):
+        inverse_hessian_factor(indefinite, method="sparsegpt")
+
+
 # --- mu = 0 and no mask is SparseGPT, bit for bit ---
 
 

@@ -11,7 +11,7 @@ from transformers import HfArgumentParser
 from optimum_gblm import options
 from optimum_gblm.card import reproduce_command
 from optimum_gblm.cli import build_parser
-from optimum_gblm.config import GBLMConfig, PruningRuntime, option
+from optimum_gblm.config import GBLMConfig, PruningRuntime, option, option_flag
 from optimum_gblm.data import default_calibration_path
 from optimum_gblm.methods.base import PruningMethod
 from optimum_gblm.record import PruningRecord
@@ -56,7 +56,9 @@ def test_every_method_and_profile_option_has_a_flag_with_help():
     for table in (METHODS, PROFILES):
         for name, cls in table.items():
             for f in dataclasses.fields(cls.Options) if cls.Options else ():
-                flag = f"--{name}-{f.name}".replace("_", "-")
+                flag = option_flag(name, f.name, "method" if table is METHODS else "profile")
+                if not f.metadata.get("shared_by"):  # a method's own option is --<method>-<option>
+                    assert flag == f"--{name}-{f.name}".replace("_", "-")
                 assert flag in flags, f"{name}'s option {f.name} has no CLI flag"
                 assert flags[flag].help.strip() and flags[flag].default is None
                 count += 1
@@ -81,10 +83,10 @@ def test_every_runtime_setting_has_a_flag():
         GBLMConfig(method="sparsegpt", method_options={"damping": 0.05, "blocksize": 64}),
         GBLMConfig(method="sparsegpt", pattern="2:4", method_options={"damping": 0.123456789}),
         GBLMConfig(sparsity_profile="owl", profile_options={"threshold": 7.0, "spread": 0.1}, sparsity=0.7),
-        GBLMConfig(alpha="auto", gradient_norm="l2", num_samples=4, seqlen=16, seed=3),
-        GBLMConfig(alpha=0.0, target_modules=["q_proj", "mlp\\.down_proj$"], use_variant=True),
-        GBLMConfig(method="magnitude", scope="layer", sparsity=0.3, dataset="wikitext2"),
-        GBLMConfig(method="wanda", pattern="4:8", alpha=12.5),
+        GBLMConfig(method_options={"alpha": "auto", "gradient_norm": "l2"}, num_samples=4, seqlen=16, seed=3),
+        GBLMConfig(method_options={"alpha": 0.0, "use_variant": True}, target_modules=["q_proj", "mlp\\.down_proj$"]),
+        GBLMConfig(method="magnitude", method_options={"scope": "layer"}, sparsity=0.3, dataset="wikitext2"),
+        GBLMConfig(method="gblm", pattern="4:8", method_options={"alpha": 12.5}),
     ],
 )
 def test_command_line_arguments_round_trip(config):
@@ -114,10 +116,10 @@ def test_command_line_arguments_are_a_diff_against_the_defaults():
     assert options.command_line_arguments(GBLMConfig(), always=("method", "sparsity")) == ["--method", "gblm", "--sparsity", "0.5"]
     # alpha is compared with the method's own default: gblm_obs's is "auto", so its 100 must be spelt out
     assert options.command_line_arguments(GBLMConfig(method="gblm_obs")) == ["--method", "gblm_obs"]
-    args = options.command_line_arguments(GBLMConfig(method="gblm_obs", alpha=100))
+    args = options.command_line_arguments(GBLMConfig(method="gblm_obs", method_options={"alpha": 100}))
     assert args == ["--method", "gblm_obs", "--alpha", "100"]
-    assert options.config_from_arguments(config_parser().parse_args(args)).alpha == 100.0
-    assert options.config_from_arguments(config_parser().parse_args(["--method", "gblm_obs"])).alpha == "auto"
+    assert options.config_from_arguments(config_parser().parse_args(args)).method_settings().alpha == 100.0
+    assert options.config_from_arguments(config_parser().parse_args(["--method", "gblm_obs"])).method_settings().alpha == "auto"
 
 
 def test_an_option_of_another_method_is_refused_by_name():
@@ -158,9 +160,9 @@ def test_examples_arguments_build_the_same_config_as_the_cli():
     expected = options.config_from_arguments(config_parser().parse_args(argv))
     assert args.to_config().recipe() == expected.recipe()
     (args,) = HfArgumentParser(options.pruning_arguments_dataclass()).parse_args_into_dataclasses(["--alpha", "auto"])
-    assert args.to_config().alpha == "auto"
+    assert args.to_config().method_settings().alpha == "auto"
     (args,) = HfArgumentParser(options.pruning_arguments_dataclass()).parse_dict({"alpha": 3, "use_variant": True})
-    assert args.to_config().alpha == 3.0 and args.to_config().use_variant
+    assert args.to_config().method_settings().alpha == 3.0 and args.to_config().method_settings().use_variant
 
 
 def test_examples_arguments_can_leave_out_what_training_arguments_define():
@@ -220,7 +222,7 @@ def parse_reproduce(line):
     "recipe",
     [
         dict(method="sparsegpt", pattern="2:4", method_options={"damping": 0.1, "blocksize": 16}),
-        dict(sparsity_profile="owl", profile_options={"threshold": 3.0, "spread": 0.12}, alpha="auto"),
+        dict(sparsity_profile="owl", profile_options={"threshold": 3.0, "spread": 0.12}, method_options={"alpha": "auto"}),
         dict(method="wanda", target_modules=["q_proj", "down_proj"], num_samples=16, seqlen=256),
     ],
 )

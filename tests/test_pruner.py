@@ -46,10 +46,10 @@ def test_alpha_weighs_the_gradient_term_linearly(calibration_ids):
     # alpha=1000 with norms G must prune exactly as alpha=1 with norms 1000 G (and not as alpha=100 does).
     a, b, c = tiny_model("llama"), tiny_model("llama"), tiny_model("llama")
     norms = compute_gradient_norms(a, calibration_ids, prunable_modules(a), show_progress=False)
-    GBLMPruner(GBLMConfig(alpha=1000), show_progress=False).prune(a, calibration_ids, gradient_norms=norms)
+    GBLMPruner(GBLMConfig(method_options={"alpha": 1000}), show_progress=False).prune(a, calibration_ids, gradient_norms=norms)
     scaled = {n: g * 1000 for n, g in norms.items()}
-    GBLMPruner(GBLMConfig(alpha=1), show_progress=False).prune(b, calibration_ids, gradient_norms=scaled)
-    GBLMPruner(GBLMConfig(alpha=100), show_progress=False).prune(c, calibration_ids, gradient_norms=norms)
+    GBLMPruner(GBLMConfig(method_options={"alpha": 1}), show_progress=False).prune(b, calibration_ids, gradient_norms=scaled)
+    GBLMPruner(GBLMConfig(method_options={"alpha": 100}), show_progress=False).prune(c, calibration_ids, gradient_norms=norms)
     assert unchanged(a, weights_of(b))
     assert not unchanged(a, weights_of(c))
 
@@ -58,9 +58,9 @@ def test_alpha_zero_and_auto_without_gradients_are_exactly_wanda(calibration_ids
     wanda, alpha_zero, auto_zero = tiny_model("llama"), tiny_model("llama"), tiny_model("llama")
     prune(wanda, calibration_ids, method="wanda", pattern="2:4", show_progress=False)
     norms = compute_gradient_norms(alpha_zero, calibration_ids, prunable_modules(alpha_zero), show_progress=False)
-    GBLMPruner(GBLMConfig(alpha=0, pattern="2:4"), show_progress=False).prune(alpha_zero, calibration_ids, gradient_norms=norms)
+    GBLMPruner(GBLMConfig(method_options={"alpha": 0}, pattern="2:4"), show_progress=False).prune(alpha_zero, calibration_ids, gradient_norms=norms)
     zeros = {n: torch.zeros_like(g) for n, g in norms.items()}
-    GBLMPruner(GBLMConfig(alpha="auto", pattern="2:4"), show_progress=False).prune(auto_zero, calibration_ids, gradient_norms=zeros)
+    GBLMPruner(GBLMConfig(method_options={"alpha": "auto"}, pattern="2:4"), show_progress=False).prune(auto_zero, calibration_ids, gradient_norms=zeros)
     assert unchanged(alpha_zero, weights_of(wanda))
     assert unchanged(auto_zero, weights_of(wanda))
     assert set(auto_zero.config.quantization_config.record.layer_settings["alpha"].values()) == {0.0}
@@ -72,7 +72,7 @@ def test_auto_alpha_is_deterministic_and_travels_with_the_checkpoint(calibration
     runs = []
     for _ in range(2):
         model = tiny_model("llama")
-        GBLMPruner(GBLMConfig(alpha="auto"), use_cache=False, show_progress=False).prune(model, calibration_ids)
+        GBLMPruner(GBLMConfig(method_options={"alpha": "auto"}), use_cache=False, show_progress=False).prune(model, calibration_ids)
         runs.append(model)
     first, second = (m.config.quantization_config.record for m in runs)
     first_alpha = first.layer_settings["alpha"]
@@ -85,7 +85,7 @@ def test_auto_alpha_is_deterministic_and_travels_with_the_checkpoint(calibration
     runs[0].save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert loaded.config.quantization_config.record.layer_settings["alpha"] == first_alpha
-    assert loaded.config.quantization_config.alpha == "auto"
+    assert loaded.config.quantization_config.method_settings().alpha == "auto"
 
 
 def test_config_and_kwargs_are_exclusive():

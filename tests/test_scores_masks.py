@@ -69,7 +69,7 @@ def test_wanda_variant_reaches_target_within_tolerance(sparsity):
 def test_select_mask_exact_sparsity(pattern, sparsity):
     torch.manual_seed(0)
     scores = torch.rand(16, 32)
-    mask = select_mask(scores, GBLMConfig(pattern=pattern, sparsity=sparsity))
+    mask = select_mask(scores, sparsity, GBLMConfig(pattern=pattern, sparsity=sparsity).sparsity_pattern)
     assert (~mask).sum().item() == int(16 * 32 * sparsity)
     assert ((~mask).sum(1) == int(32 * sparsity)).all()
 

@@ -1,4 +1,4 @@
-"""What the engine asks of a pruning method, and of a sparsity profile.
+"""What the engine asks of a pruning method, and of a sparsity profile, and the options several methods share.
 
 A method is one module in this package plus one `@register_method("name")` line:
 
@@ -7,22 +7,103 @@ A method is one module in this package plus one `@register_method("name")` line:
         needs_activations = True                     # the engine collects `new_stats` for each layer
         def prune_layer(self, name, module, stats, sparsity):
             scores = weight_matrix(module).abs() * stats.sq_mean.sqrt()
-            return select_mask(scores, self.config, sparsity)   # keep-mask; the engine zeroes and records it
+            return select_mask(scores, sparsity, self.config.sparsity_pattern)   # keep-mask; the engine zeroes it
+
+Shared options: `ScoreOptions` (scope, use_variant: how a mask is picked from a score) and `GradientOptions` (alpha,
+gradient_norm: the gradient term) are bases of the methods' own `Options`; their fields carry `shared_by`, so their
+flags keep plain names (`--alpha`, `--scope`) while a method's own options are `--<method>-<option>`.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..config import GBLMConfig
+from ..config import GBLMConfig, option, option_flag, parse_alpha
+from ..scores import auto_alpha
 from ..stats import InputStats
 from ..structure import weight_matrix
 
 Tensor = torch.Tensor
 Modules = dict[str, nn.Module]
+
+GRADIENT_NORMS = ("l1", "l2")
+SCOPES = ("row", "layer")
+SCORE_METHODS = "score methods (wanda, gblm, magnitude, ...)"
+GRADIENT_METHODS = "methods with a gradient term (gblm, gblm_obs, ...)"
+
+
+@dataclass
+class ScoreOptions:
+    """How a score method picks its mask from the scores (unstructured patterns only)."""
+
+    scope: str = option(
+        "row", "unstructured masks per output row (Wanda/GBLM) or per layer (reference magnitude)", choices=SCOPES,
+        shared_by=SCORE_METHODS,
+    )
+    use_variant: bool = option(
+        False, "Wanda's variant: one cumulative-score threshold per matrix (unstructured)", shared_by=SCORE_METHODS
+    )
+
+    def __post_init__(self) -> None:
+        self.check_mask_choice()
+
+    def check_mask_choice(self) -> None:
+        if not isinstance(self.scope, str) or self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}.")
+        if not isinstance(self.use_variant, bool):
+            raise ValueError(f"use_variant must be True or False, got {self.use_variant!r}.")
+        if self.use_variant and self.scope != "row":
+            raise ValueError("use_variant picks per-row thresholds; it cannot be combined with scope='layer'.")
+
+
+@dataclass
+class GradientOptions:
+    """The gradient term's weight and how per-sequence gradients accumulate (methods with `needs_gradients`)."""
+
+    # The method's default when left out (`default_alpha`); stored resolved, so a recipe never depends on our defaults.
+    default_alpha: ClassVar[float | str] = 100.0
+
+    alpha: float | str | None = option(
+        None,
+        "weight of the gradient term: a number >= 0 (0 = Wanda) or 'auto' (per-layer scale match); default: the "
+        "method's (gblm: the paper's 100; gblm_obs: auto)",
+        parse=parse_alpha, shared_by=GRADIENT_METHODS,
+    )
+    gradient_norm: str = option(
+        "l1", "accumulation of per-sequence gradients: l1 (the paper) or l2", choices=GRADIENT_NORMS,
+        shared_by=GRADIENT_METHODS,
+    )
+
+    def __post_init__(self) -> None:
+        self.check_gradient_term()
+
+    def check_gradient_term(self) -> None:
+        if not isinstance(self.gradient_norm, str) or self.gradient_norm not in GRADIENT_NORMS:
+            raise ValueError(f"gradient_norm must be one of {GRADIENT_NORMS}, got {self.gradient_norm!r}.")
+        if self.alpha is None:
+            self.alpha = self.default_alpha
+        if self.alpha == "auto":
+            return
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha < 0:
+            raise ValueError(
+                f"alpha must be a finite number >= 0 (0 is Wanda) or 'auto', got {self.alpha!r}; leave it out for the "
+                f"method's default ({self.default_alpha})."
+            )
+        self.alpha = float(self.alpha)
+
+
+@dataclass
+class GradientScoreOptions(GradientOptions, ScoreOptions):
+    """A score method with a gradient term (gblm, gradient, gblm_inverse)."""
+
+    def __post_init__(self) -> None:
+        self.check_mask_choice()
+        self.check_gradient_term()
 
 
 class PruningMethod:
@@ -33,10 +114,10 @@ class PruningMethod:
     Class attributes:
         needs_activations: collect input statistics (one pass over the calibration data per block).
         needs_gradients: the pruner computes gradient norms first (stage 1) and passes them in.
-        Options: a dataclass of the method's own settings (fields with `metadata={"help": ...}`) or None;
-            `GBLMConfig.method_options` holds its values and `self.options` the instance.
+        Options: a dataclass of the method's own settings (fields declared with `config.option(default, help)`;
+            shared ones from `ScoreOptions` / `GradientOptions`) or None; `GBLMConfig.method_options` holds its
+            values and `self.options` the instance.
         help: one line for the CLI and the docs.
-        default_alpha: the gradient term's weight when the recipe leaves alpha out (methods without one ignore it).
     """
 
     name: ClassVar[str] = ""
@@ -44,11 +125,10 @@ class PruningMethod:
     needs_activations: ClassVar[bool] = True
     needs_gradients: ClassVar[bool] = False
     Options: ClassVar[type | None] = None
-    default_alpha: ClassVar[float | str] = 100.0
 
     def __init__(self, config: GBLMConfig, gradient_norms: dict[str, torch.Tensor] | None = None):
         self.config = config
-        self.options = config.options()
+        self.options = config.method_settings()
         self.gradient_norms = gradient_norms
         # Values chosen per layer, by setting name ({"alpha": {layer: value}}): saved in the record.
         self.layer_settings: dict[str, dict[str, float]] = {}
@@ -61,6 +141,20 @@ class PruningMethod:
     def gradients_needed(cls, config: GBLMConfig) -> bool:
         """Whether this recipe needs the gradient stage (a method whose options pick a score may not)."""
         return cls.needs_gradients
+
+    @classmethod
+    def gradient_norm(cls, config: GBLMConfig) -> str:
+        """How the gradient stage accumulates per-sequence gradients for this recipe (part of the cache key)."""
+        return config.method_options.get("gradient_norm", "l1")
+
+    def weighted_gradient(self, name: str, gradient: torch.Tensor, input_sq_mean: torch.Tensor | None) -> torch.Tensor:
+        """alpha * G for one layer; alpha="auto" is resolved from this layer's statistics (`scores.auto_alpha`) and
+        recorded in `layer_settings`."""
+        alpha = self.options.alpha
+        if alpha == "auto":
+            alpha = auto_alpha(input_sq_mean, gradient)
+            self.layer_settings.setdefault("alpha", {})[name] = alpha
+        return gradient * alpha
 
     def new_stats(self, name: str, module: nn.Module) -> Any:
         """A fresh per-layer statistics accumulator (`add_batch(inputs)`); Wanda's activation norms by default."""
@@ -80,19 +174,14 @@ class PruningMethod:
         """End of the pass: release per-run state; anything worth keeping goes into `self.layer_settings`."""
 
 
-def check_blocksize(config: GBLMConfig, blocksize: int, flag: str) -> None:
-    """OBS sweeps select masks inside column blocks: a block must hold whole N:M groups, and the score methods'
-    mask choices (scope, Wanda's variant) do not apply to them."""
-    if config.scope != "row" or config.use_variant:
-        raise ValueError(
-            f"{config.method} chooses its mask per column block with the OBS saliency; scope='layer' and use_variant "
-            f"apply to score methods (wanda, gblm, ...): leave them at their defaults."
-        )
+def check_blocksize(config: GBLMConfig, blocksize: int) -> None:
+    """OBS sweeps select masks inside column blocks: a block must hold whole N:M groups."""
     nm = config.nm
     if nm is not None and blocksize % nm[1]:
         raise ValueError(
             f"{config.method} blocksize {blocksize} must be a multiple of M={nm[1]} for pattern {config.pattern!r}: "
-            f"set method_options={{'blocksize': {nm[1] * max(1, 128 // nm[1])}}} ({flag})."
+            f"set method_options={{'blocksize': {nm[1] * max(1, 128 // nm[1])}}} "
+            f"({option_flag(config.method, 'blocksize')})."
         )
 
 

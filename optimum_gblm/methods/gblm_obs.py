@@ -40,18 +40,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..config import GBLMConfig, check_int, check_number, option, parse_auto_or_number
+from ..config import GBLMConfig, check_int, check_number, option, option_flag, parse_auto_or_number
 from ..masks import select_mask
 from ..obs import cross_validated_mu, obs_prune
 from ..registry import register_method
-from ..scores import SCORES, auto_alpha
+from ..scores import SCORES
 from ..structure import as_matrix, weight_matrix
-from .base import PruningMethod, check_blocksize
+from .base import GradientOptions, PruningMethod, check_blocksize
 
 SELECTIONS = ("score", "joint")
 GRADIENT_FORMS = ("scale", "bonus")
@@ -62,7 +62,10 @@ def _parse_mu(value: Any) -> float | str:
 
 
 @dataclass
-class GBLMOBSOptions:
+class GBLMOBSOptions(GradientOptions):
+    # every measurement of this method (docs/results.md#gblm_obs) matched the gradient term's scale per layer
+    default_alpha: ClassVar[float | str] = "auto"
+
     score: str = option("gblm", "score that chooses the mask: gblm, wanda, magnitude, ... (selection=score)")
     selection: str = option(
         "joint", "'joint': mask chosen with the update on H_mu, gradient term in the saliency; 'score': the score's mask",
@@ -91,6 +94,7 @@ class GBLMOBSOptions:
     blocksize: int = option(128, "columns updated together (N:M: a multiple of M)")
 
     def __post_init__(self) -> None:
+        self.check_gradient_term()
         if not isinstance(self.score, str) or self.score not in SCORES:
             raise ValueError(f"gblm_obs score must be one of {sorted(SCORES)}, got {self.score!r}.")
         if self.gradient_form not in GRADIENT_FORMS:
@@ -147,18 +151,16 @@ class GBLMOBS(PruningMethod):
     help = "OBS sweep on H + mu Diag(H): mask chosen with the update and the gradient term (or from a score), then updated"
     Options = GBLMOBSOptions
     needs_gradients = True
-    # every measurement of this method (docs/results.md#gblm_obs) matched the gradient term's scale per layer
-    default_alpha = "auto"
 
     @classmethod
     def check_config(cls, config: GBLMConfig) -> None:
         options = config.method_options
         if options["selection"] == "joint":  # a fixed mask from a score needs neither
-            check_blocksize(config, options["blocksize"], "--gblm-obs-blocksize")
+            check_blocksize(config, options["blocksize"])
         if options["mu"] == "auto" and options["folds"] > config.num_samples:
             raise ValueError(
                 f"gblm_obs folds={options['folds']} needs at least that many calibration sequences, num_samples is "
-                f"{config.num_samples}: lower folds or use more data."
+                f"{config.num_samples}: lower folds ({option_flag(cls.name, 'folds')}) or use more data (--num-samples)."
             )
 
     @classmethod
@@ -174,11 +176,8 @@ class GBLMOBS(PruningMethod):
         if not score.needs_gradients:
             return None
         gradient = as_matrix(module, self.gradient_norms[name]).to(module.weight.device).float()
-        alpha = self.config.alpha
-        if score.needs_activations and alpha == "auto":
-            alpha = auto_alpha(stats.sq_mean, gradient)
-            self.layer_settings.setdefault("alpha", {})[name] = alpha
-        return gradient * alpha
+        # alpha weighs the gradient term in the OBS saliency even for a score without activations
+        return self.weighted_gradient(name, gradient, stats.sq_mean)
 
     def importance(self, name: str, module: nn.Module, stats: Any) -> torch.Tensor:
         score = SCORES[self.options.score]
@@ -201,7 +200,7 @@ class GBLMOBS(PruningMethod):
         # joint selection at a fixed mu needs none.
         score_mask = None
         if options.selection == "score" or mu == "auto":
-            score_mask = select_mask(self.importance(name, module, stats), self.config, sparsity)
+            score_mask = select_mask(self.importance(name, module, stats), sparsity, self.config.sparsity_pattern)
         if mu == "auto":
             dense = weight.float()
             rows = self._cv_rows(name, dense.shape[0])
@@ -233,17 +232,17 @@ class GBLMOBS(PruningMethod):
                     bonus = 2 * weight.float() ** 2 * (2 * activation * gradient + gradient**2)
             updated, mask = obs_prune(
                 weight, hessian, sparsity, self.config.nm, options.blocksize, options.damping, mu, saliency_bonus=bonus,
-                name=name, saliency_scale=scale, refit_steps=first_refit_steps,
+                name=name, saliency_scale=scale, refit_steps=first_refit_steps, method=self.name,
             )
         else:
             updated, mask = obs_prune(
                 weight, hessian, sparsity, self.config.nm, options.blocksize, options.damping, mu, keep_mask=score_mask,
-                name=name, refit_steps=first_refit_steps,
+                name=name, refit_steps=first_refit_steps, method=self.name,
             )
         if options.update_mu is not None:
             updated, mask = obs_prune(
                 weight, hessian, sparsity, self.config.nm, options.blocksize, options.damping, options.update_mu,
-                keep_mask=mask, name=name, refit_steps=options.refit_steps,
+                keep_mask=mask, name=name, refit_steps=options.refit_steps, method=self.name,
             )
         weight.copy_(updated.to(weight.dtype))
         return mask

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import GBLMConfig, check_number, option
+from ..config import GBLMConfig, check_number, option, option_flag
 from ..engine import run_layerwise, visit_without_calibration
 from ..registry import register_profile
 from ..scores import wanda_score
@@ -114,7 +114,7 @@ class OWLProfile(SparsityProfile):
         if not (0 <= config.sparsity - spread and config.sparsity + spread < 1):
             raise ValueError(
                 f"with owl spread (lambda) {spread:g} per-block sparsity would leave [0, 1) around {config.sparsity:g}; "
-                f"lower it (profile_options={{'spread': ...}}, --owl-spread)."
+                f"lower it (profile_options={{'spread': ...}}, {option_flag(cls.name, 'spread', kind='profile')})."
             )
 
     def needs_calibration(self, method: type[PruningMethod]) -> bool:

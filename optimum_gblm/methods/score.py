@@ -8,17 +8,27 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..config import GBLMConfig
 from ..masks import select_mask
 from ..registry import register_method
-from ..scores import SCORES, ScoreSpec, auto_alpha
+from ..scores import SCORES, ScoreSpec
 from ..structure import as_matrix, weight_matrix
-from .base import PruningMethod
+from .base import GradientScoreOptions, PruningMethod, ScoreOptions
 
 
 class ScoreMethod(PruningMethod):
     """Keep-mask from `score(weight, activation statistic, alpha * gradient norms)` under the config's pattern."""
 
     score: ClassVar[ScoreSpec]
+
+    @classmethod
+    def check_config(cls, config: GBLMConfig) -> None:
+        options = config.method_options
+        if config.nm is not None:
+            if options["use_variant"]:
+                raise ValueError("use_variant (Wanda's variant) only applies to pattern='unstructured'.")
+            if options["scope"] != "row":
+                raise ValueError("scope='layer' only applies to pattern='unstructured'; N:M masks are per row.")
 
     def importance(self, name: str, module: nn.Module, stats: Any) -> torch.Tensor:
         weight = weight_matrix(module)
@@ -28,16 +38,13 @@ class ScoreMethod(PruningMethod):
             gradient = as_matrix(module, self.gradient_norms[name]).to(weight.device)
             # alpha only matters where the gradient term is weighed against the activation term.
             if self.score.needs_activations:
-                alpha = self.config.alpha
-                if alpha == "auto":
-                    alpha = auto_alpha(input_sq_mean, gradient)
-                    self.layer_settings.setdefault("alpha", {})[name] = alpha
-                gradient = gradient * alpha
+                gradient = self.weighted_gradient(name, gradient, input_sq_mean)
         return self.score.fn(weight, input_sq_mean, gradient)
 
     @torch.no_grad()
     def prune_layer(self, name: str, module: nn.Module, stats: Any, sparsity: float) -> torch.Tensor:
-        return select_mask(self.importance(name, module, stats), self.config, sparsity)
+        scores = self.importance(name, module, stats)
+        return select_mask(scores, sparsity, self.config.sparsity_pattern, self.options.scope, self.options.use_variant)
 
 
 def _score_method(spec: ScoreSpec) -> type[ScoreMethod]:
@@ -46,6 +53,7 @@ def _score_method(spec: ScoreSpec) -> type[ScoreMethod]:
         "score": spec,
         "needs_activations": spec.needs_activations,
         "needs_gradients": spec.needs_gradients,
+        "Options": GradientScoreOptions if spec.needs_gradients else ScoreOptions,
         "help": doc[0] if doc else f"mask by the {spec.name} score",
         "__doc__": f"Prune by the {spec.name!r} score.",
         "__module__": __name__,

@@ -43,7 +43,7 @@ class SparseGPT(PruningMethod):
 
     @classmethod
     def check_config(cls, config: GBLMConfig) -> None:
-        check_blocksize(config, config.method_options["blocksize"], "--sparsegpt-blocksize")
+        check_blocksize(config, config.method_options["blocksize"])
 
     def new_stats(self, name: str, module: nn.Module) -> HessianStats:
         return HessianStats(weight_matrix(module).shape[1], module.weight.device)
@@ -60,6 +60,7 @@ class SparseGPT(PruningMethod):
             damping=self.options.damping,
             name=name,
             refit_steps=self.options.refit_steps,
+            method=self.name,
         )
         weight.copy_(updated.to(weight.dtype))
         return mask
