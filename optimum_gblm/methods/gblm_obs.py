@@ -12,28 +12,25 @@ to Diag(H) (mu = 1: half way).
 selection="joint" (the default) chooses the mask with the update, as SparseGPT does, on H_mu, with the gradient
 term in the OBS saliency: gradient_form="scale" (the default) multiplies it by (1 + alpha G / sqrt(a))^2, so with a
 diagonal H it ranks weights as the GBLM score does (as SparseGPT's ranks them as Wanda's) while with correlated
-inputs each weight keeps its OBS scale w^2 / [H_mu^-1]_jj; "bonus" adds 2 W^2 (2 sqrt(a) alpha G + (alpha G)^2),
-which is in diagonal units and, where inputs are correlated (1 / [H_mu^-1]_jj far below H_jj), swamps the OBS term
-(measured worse on every validation text). selection="score" takes the score's mask and only updates it.
+inputs each weight keeps its OBS scale w^2 / [H_mu^-1]_jj; "bonus" adds 2 W^2 (2 sqrt(a) alpha G + (alpha G)^2), in
+diagonal units, which where inputs are correlated (1 / [H_mu^-1]_jj far below H_jj) swamps the OBS term.
+selection="score" takes the score's mask and only updates it.
 
 After the sweep, refit_steps (10 by default) conjugate-gradient steps fit the kept weights on the mask under
 H_mu (`obs.refit_kept_weights`): the sweep fixes each column once and compensates only with later columns, a greedy
-approximation of that fit. Measured at mu = 1, the refit lowered perplexity on all four texts at both patterns
-(the same regularised objective, solved better); at mu = 0 it fits the calibration data harder still (in-domain far
-lower, the far text slightly higher), which is why it comes with the regularisation. Cost: ~10 matrix products per
-layer.
+approximation of that fit. Cost: ~10 matrix products per layer.
 
-The default mu = 0.5 was chosen on validation text (a held-out Austen novel and the first half of a technical
-handbook; docs/results.md#gblm_obs) as the grid value that clears the targets on both validation texts at 50% and
-2:4 by the widest margin. mu="auto" chooses mu per layer from the calibration data alone: the calibration
-sequences are dealt into K folds (sequence n -> fold n mod K), and for each candidate mu the update fitted on K-1
-folds is scored by its output error on the held-out fold, computed from the fold Hessians alone
-(`obs.cross_validated_mu`; ties go to the larger mu). It measures over-fitting to the calibration distribution only,
-so it picks small mu (0.03-0.1 on SmolLM2) and does not protect text far from the calibration data: measured, it is
-the weaker choice off-domain. To bound its cost it uses a seeded sample of `cv_rows` output rows.
+mu="auto" chooses mu per layer from the calibration data alone: the calibration sequences are dealt into K folds
+(sequence n -> fold n mod K), and for each candidate mu the update fitted on K-1 folds is scored by its output error
+on the held-out fold, computed from the fold Hessians alone (`obs.cross_validated_mu`; ties go to the larger mu). It
+sees over-fitting to the calibration distribution only, not a shift to other text. To bound its cost it uses a
+seeded sample of `cv_rows` output rows.
 
 update_mu, when set, re-fits the kept weights on the chosen mask with that mu instead (attribution: the joint mask
 with SparseGPT's update is update_mu=0).
+
+How the defaults (mu 0.5, the scale form, the refit) were chosen, and what each choice measured:
+docs/methods.md#gblm_obs and docs/results.md#gblm_obs.
 """
 
 from __future__ import annotations
