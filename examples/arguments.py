@@ -1,6 +1,6 @@
 """Argument dataclasses shared by the example scripts (HfArgumentParser style, like transformers' run_clm.py).
 
-Most are generated (optimum_gblm.options) from the fields that define them, with the same help as `optimum-gblm
+Most are generated (optimum_gblm.flags) from the fields that define them, with the same help as `optimum-gblm
 prune`: the recipe (GBLMConfig and every method's options), the runtime settings (PruningRuntime) and the job's model,
 evaluation and output options (optimum_gblm.jobs). Names follow transformers where it has one
 (`--model_name_or_path`, `--output_dir`, `--overwrite_output_dir`), and the CLI's spellings (`--model`, `--output`,
@@ -17,15 +17,15 @@ import transformers
 from transformers import HfArgumentParser
 
 import optimum_gblm  # noqa: F401  (registers every method before the arguments are generated)
-from optimum_gblm.jobs import EvaluationOptions, ModelOptions, OutputOptions
-from optimum_gblm.options import arguments_dataclass, pruning_arguments_dataclass, runtime_arguments_dataclass
+from optimum_gblm.flags import arguments_dataclass, pruning_arguments_dataclass, runtime_arguments_dataclass
+from optimum_gblm.jobs import EvaluationArguments, ModelArguments, OutputArguments
 
-# `.to_options()` builds the jobs' ModelOptions (model, GGUF file, dtype, device or device map): load_with_options().
-ModelArguments = arguments_dataclass(ModelOptions)
+# `.to_options()` builds the jobs' ModelArguments (model, GGUF file, dtype, device or device map): load_job_model().
+ModelArguments = arguments_dataclass(ModelArguments)
 # `--eval_data` texts (default: the held-out end of the shipped text; `none` skips), `--eval_seqlen`, ...
-EvaluationArguments = arguments_dataclass(EvaluationOptions)
+EvaluationArguments = arguments_dataclass(EvaluationArguments)
 # `--output_dir`, `--overwrite_output_dir`, `--push_to_hub REPO_ID`.
-OutputArguments = arguments_dataclass(OutputOptions)
+OutputArguments = arguments_dataclass(OutputArguments)
 # `--num_samples` or `--num-samples`, `--sparsegpt_damping`, `--owl_threshold`, ...; `.to_config()` builds the recipe.
 PruningArguments = pruning_arguments_dataclass()
 # Cache folder and gradient checkpointing: how the run executes, not what it produces; `.to_runtime()`.

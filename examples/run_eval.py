@@ -22,7 +22,7 @@ from optimum_gblm import record_evaluation
 from optimum_gblm.card import CARD_FILE, build_model_card
 from optimum_gblm.evaluation import load_multiple_choice, multiple_choice_accuracy, zero_shot
 from optimum_gblm.files import write_atomically
-from optimum_gblm.jobs import evaluation_texts, load_with_options, measure
+from optimum_gblm.jobs import evaluation_texts, load_job_model, measure
 from optimum_gblm.quantizer import GBLMHfQuantizer
 
 logger = logging.getLogger("run_eval")
@@ -40,7 +40,7 @@ def main() -> None:
     model_args, eval_args, task_args, result_args = parse(ModelArguments, EvaluationArguments, TaskArguments, ResultArguments)
     setup_logging()
     model_options, evaluation = model_args.to_options(), eval_args.to_options()
-    model, tokenizer = load_with_options(model_options)
+    model, tokenizer = load_job_model(model_options)
     results: dict = {"model": model_options.model or "SmolLM2-135M-Instruct", "perplexity": {}}
     pruned = isinstance(getattr(model, "hf_quantizer", None), GBLMHfQuantizer)
     for name, result in measure(model, evaluation_texts(evaluation, tokenizer), evaluation).items():

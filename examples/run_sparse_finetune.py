@@ -25,16 +25,16 @@ from transformers import Trainer, TrainingArguments
 from optimum_gblm import SparsityCallback, record_evaluation
 from optimum_gblm.checkpoint import check_output_dir
 from optimum_gblm.data import load_text, tokenize
+from optimum_gblm.flags import arguments_dataclass, pruning_arguments_dataclass, runtime_arguments_dataclass
 from optimum_gblm.jobs import (
-    OutputOptions,
+    OutputArguments,
     evaluation_texts,
     is_shipped_text,
-    load_with_options,
+    load_job_model,
     measure,
     prune_model,
     split_shipped_text,
 )
-from optimum_gblm.options import arguments_dataclass, pruning_arguments_dataclass, runtime_arguments_dataclass
 from optimum_gblm.quantizer import GBLMHfQuantizer
 from optimum_gblm.sparse_state import check_weights_match_masks
 
@@ -44,7 +44,7 @@ logger = logging.getLogger("run_sparse_finetune")
 # --output_dir and --push_to_hub / --hub_model_id.
 PruningArguments = pruning_arguments_dataclass(exclude=("seed",))
 RuntimeArguments = runtime_arguments_dataclass(exclude=("gradient_checkpointing", "use_cache"))
-OverwriteArguments = arguments_dataclass(OutputOptions, exclude=("output", "push_to_hub"), name="OverwriteArguments")
+OverwriteArguments = arguments_dataclass(OutputArguments, exclude=("output", "push_to_hub"), name="OverwriteArguments")
 
 
 @dataclass
@@ -91,7 +91,7 @@ def main() -> None:
     output = overwrite.to_options(output=training_args.output_dir)
     check_output_dir(output.output, output.overwrite, fix="pass --overwrite_output_dir")
     config = pruning_args.to_config(seed=training_args.seed)
-    model, tokenizer = load_with_options(model_args.to_options())
+    model, tokenizer = load_job_model(model_args.to_options())
     if not isinstance(getattr(model, "hf_quantizer", None), GBLMHfQuantizer):
         logger.info("model is dense: pruning it first (%s, %s)", config.method, config.pattern)
         runtime = runtime_args.to_runtime(gradient_checkpointing=training_args.gradient_checkpointing)

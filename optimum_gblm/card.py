@@ -147,7 +147,7 @@ def _package_version() -> str | None:
 def _reproduction(config: GBLMConfig) -> tuple[list[str], list[str], list[str]]:
     """(install commands, the `optimum-gblm prune` argv, notes on its placeholders) that redo this pruning."""
     from .data import default_calibration_path
-    from .options import command_line_arguments
+    from .flags import command_line_arguments
 
     record = config.record if config.record is not None else PruningRecord()
     base = record.base_model or {}
@@ -187,7 +187,7 @@ def _reproduction(config: GBLMConfig) -> tuple[list[str], list[str], list[str]]:
 def reproduce_command(config: GBLMConfig) -> str:
     """The `optimum-gblm prune` command that redoes this pruning (output folder left to fill in).
 
-    The recipe flags come from `options.command_line_arguments` (generated from the recipe's fields, so every method
+    The recipe flags come from `flags.command_line_arguments` (generated from the recipe's fields, so every method
     and profile option is covered); the calibration source is the one the run actually used, when it can be named
     on a command line (a Hub name or a path, not in-memory token ids or texts, not the shipped default). Local
     paths never appear: a local base model or data file becomes a placeholder (`MODEL_DIR`, `CALIBRATION_DATA`)

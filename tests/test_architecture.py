@@ -34,7 +34,7 @@ LAYERS: list[str | tuple[str, ...]] = [
     "sparse_state",  # a pruned model's masks as data, gradient masking, the checks
     ("compressed", "semi_structured"),  # storage of pruned weights, GPU 2:4 kernels: what a pruned model can become
     "checkpoint",  # the mask file, atomic whole-folder saves; checkpoint never prunes
-    "options",  # recipe fields -> flags; the model card's reproduce line (hub) is generated from it
+    "flags",  # recipe fields -> CLI flags, example arguments; the model card's reproduce line is generated from it
     "card",  # the model card
     "hub",  # the upload
     "quantizer",  # GBLMHfQuantizer: owns a pruned model's save, push and load, calling the three above

@@ -9,7 +9,7 @@ import torch
 from conftest import sample_text, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from optimum_gblm import options
+from optimum_gblm import flags
 from optimum_gblm.cli import build_parser, main
 from optimum_gblm.config import GBLMConfig
 from optimum_gblm.masks import check_nm
@@ -165,7 +165,7 @@ def test_method_and_profile_options_reach_the_checkpoint_and_its_reproduce_line(
         assert flag in argv
     args = build_parser().parse_args(argv[1:])
     assert args.model == str(model_dir)
-    assert options.config_from_arguments(args).recipe() == saved.recipe()
+    assert flags.config_from_arguments(args).recipe() == saved.recipe()
 
 
 def test_an_option_of_another_method_is_a_clear_error(model_dir, text_file, tmp_path, capsys):

@@ -228,7 +228,7 @@ def test_the_library_and_the_command_line_refuse_devices_with_one_check(device, 
 # -- command line and loading -----------------------------------------------------------------------------------
 def test_compute_device_has_a_generated_flag():
     from optimum_gblm.cli import build_parser
-    from optimum_gblm.options import runtime_from_arguments
+    from optimum_gblm.flags import runtime_from_arguments
 
     prune_parser = build_parser()._subparsers._group_actions[0].choices["prune"]
     flag = {s: a for a in prune_parser._actions for s in a.option_strings}["--compute-device"]

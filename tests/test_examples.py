@@ -174,15 +174,15 @@ def test_examples_take_every_prune_flag_under_its_cli_spelling_too():
     example argument that also accepts the CLI's spelling, and the same command line gives the same job."""
     from transformers import HfArgumentParser
 
-    from optimum_gblm import options
+    from optimum_gblm import flags
     from optimum_gblm.cli import build_parser
-    from optimum_gblm.jobs import EvaluationOptions, ModelOptions, OutputOptions, PruneJob
+    from optimum_gblm.jobs import EvaluationArguments, ModelArguments, OutputArguments, PruneJob
 
     arguments = example_module("arguments")
     classes = [getattr(arguments, name) for name in EXAMPLE_JOB_ARGUMENTS]
     prune = build_parser()._subparsers._group_actions[0].choices["prune"]
     cli = {a.dest for a in prune._actions} - {"help"}
-    generated = options.all_flags() + [f for c in (ModelOptions, EvaluationOptions, OutputOptions) for f in options.option_flags(c)]
+    generated = flags.all_flags() + [f for c in (ModelArguments, EvaluationArguments, OutputArguments) for f in flags.option_flags(c)]
     assert {f.dest for f in generated} == cli
     example_fields = {f.name for c in classes for f in dataclasses.fields(c)}
     assert example_fields == {f.example_dest for f in generated}
@@ -201,9 +201,9 @@ def test_examples_take_every_prune_flag_under_its_cli_spelling_too():
     from_cli = PruneJob.from_arguments(build_parser().parse_args(["prune", *argv]))
     from_examples = PruneJob.from_arguments(*hf.parse_args_into_dataclasses(argv))
     assert from_examples == from_cli
-    assert from_cli.model == ModelOptions("org/m", "m.gguf", "bfloat16", None, "auto", True)
-    assert from_cli.output == OutputOptions("out", True, "me/m-2of4")
-    assert from_cli.evaluation == EvaluationOptions(["a.txt", "b.txt"], 128)
+    assert from_cli.model == ModelArguments("org/m", "m.gguf", "bfloat16", None, "auto", True)
+    assert from_cli.output == OutputArguments("out", True, "me/m-2of4")
+    assert from_cli.evaluation == EvaluationArguments(["a.txt", "b.txt"], 128)
     assert from_cli.config.method_options["blocksize"] == 32 and from_cli.runtime.gradient_checkpointing
 
     # The fine-tuning script also parses TrainingArguments: its seed (and gradient checkpointing) are the ones used.

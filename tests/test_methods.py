@@ -8,7 +8,7 @@ from conftest import tiny_model, weights_of
 from transformers import AutoModelForCausalLM
 
 from optimum_gblm import GBLMConfig, prune
-from optimum_gblm.config import option
+from optimum_gblm.config import setting
 from optimum_gblm.methods import PruningMethod
 from optimum_gblm.registry import METHODS, register_method
 from optimum_gblm.structure import prunable_modules, weight_matrix
@@ -20,7 +20,7 @@ def every_other():
 
     @dataclass
     class EveryOtherOptions:
-        offset: int = option(0, "first pruned column")
+        offset: int = setting(0, "first pruned column")
 
     @register_method("every_other")
     class EveryOther(PruningMethod):

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import GBLMConfig, option, option_flag, parse_alpha
+from ..config import GBLMConfig, option_flag, parse_alpha, setting
 from ..scores import auto_alpha
 from ..stats import InputStats
 from ..structure import weight_matrix
@@ -41,11 +41,11 @@ GRADIENT_METHODS = "methods with a gradient term (gblm, gblm_obs, ...)"
 class ScoreOptions:
     """How a score method picks its mask from the scores (unstructured patterns only)."""
 
-    scope: str = option(
+    scope: str = setting(
         "row", "unstructured masks per output row (Wanda/GBLM) or per layer (reference magnitude)", choices=SCOPES,
         shared_by=SCORE_METHODS,
     )
-    use_variant: bool = option(
+    use_variant: bool = setting(
         False, "Wanda's variant: one cumulative-score threshold per matrix (unstructured)", shared_by=SCORE_METHODS
     )
 
@@ -68,13 +68,13 @@ class GradientOptions:
     # The method's default when left out (`default_alpha`); stored resolved, so a recipe never depends on our defaults.
     default_alpha: ClassVar[float | str] = 100.0
 
-    alpha: float | str | None = option(
+    alpha: float | str | None = setting(
         None,
         "weight of the gradient term: a number >= 0 (0 = Wanda) or 'auto' (per-layer scale match); default: the "
         "method's (gblm: the paper's 100; gblm_obs: auto)",
         parse=parse_alpha, shared_by=GRADIENT_METHODS,
     )
-    gradient_norm: str = option(
+    gradient_norm: str = setting(
         "l1", "accumulation of per-sequence gradients: l1 (the paper) or l2", choices=GRADIENT_NORMS,
         shared_by=GRADIENT_METHODS,
     )
@@ -114,7 +114,7 @@ class PruningMethod:
     Class attributes:
         needs_activations: collect input statistics (one pass over the calibration data per block).
         needs_gradients: the pruner computes gradient norms first (stage 1) and passes them in.
-        Options: a dataclass of the method's own settings (fields declared with `config.option(default, help)`;
+        Options: a dataclass of the method's own settings (fields declared with `config.setting(default, help)`;
             shared ones from `ScoreOptions` / `GradientOptions`) or None; `GBLMConfig.method_options` holds its
             values and `self.options` the instance.
         help: one line for the CLI and the docs.

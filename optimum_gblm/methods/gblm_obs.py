@@ -42,7 +42,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import GBLMConfig, check_int, check_number, option, option_flag, parse_auto_or_number
+from ..config import GBLMConfig, check_int, check_number, option_flag, parse_auto_or_number, setting
 from ..masks import select_mask
 from ..obs import cross_validated_mu, obs_prune
 from ..registry import register_method
@@ -63,32 +63,32 @@ class GBLMOBSOptions(GradientOptions):
     # every measurement of this method (docs/results.md#gblm_obs) matched the gradient term's scale per layer
     default_alpha: ClassVar[float | str] = "auto"
 
-    score: str = option("gblm", "score that chooses the mask: gblm, wanda, magnitude, ... (selection=score)")
-    selection: str = option(
+    score: str = setting("gblm", "score that chooses the mask: gblm, wanda, magnitude, ... (selection=score)")
+    selection: str = setting(
         "joint", "'joint': mask chosen with the update on H_mu, gradient term in the saliency; 'score': the score's mask",
         choices=SELECTIONS,
     )
-    mu: float | str = option(
+    mu: float | str = setting(
         0.5, "relative damping mu of H + mu Diag(H), >= 0 (0: SparseGPT's Hessian; 1: half way to the diagonal), or "
         "'auto' (cross-validated per layer on calibration folds)", parse=_parse_mu,
     )
-    update_mu: float | None = option(
+    update_mu: float | None = setting(
         None, "re-fit the kept weights on the chosen mask with this mu (default: mu itself)", absent=None,  # added later
     )
-    gradient_form: str = option(
+    gradient_form: str = setting(
         "scale", "joint selection: 'bonus' adds 2 W^2 (2 sqrt(a) alpha G + (alpha G)^2) to the OBS saliency; 'scale' "
         "multiplies it by (1 + alpha G / sqrt(a))^2, keeping each weight's OBS (correlation-aware) scale",
         choices=GRADIENT_FORMS, absent="bonus",  # checkpoints written before the option existed used the bonus
     )
-    refit_steps: int = option(
+    refit_steps: int = setting(
         10, "after the sweep, fit the kept weights on the mask under H_mu (least squares) with this many conjugate-gradient "
         "steps (0: the sweep's weights, SparseGPT's update)", absent=0,  # checkpoints written before it did not refit
     )
-    mu_candidates: list[float] = option([0.03, 0.1, 0.3, 1.0, 3.0], "the mu values mu='auto' chooses among", nargs="+", type=float)
-    folds: int = option(3, "folds of calibration sequences for mu='auto' (K >= 2; at most num_samples)")
-    cv_rows: int = option(128, "output rows sampled per layer for mu='auto' (0 = all rows)")
-    damping: float = option(0.01, "absolute damping eps, a share of mean(diag H), as SparseGPT's")
-    blocksize: int = option(128, "columns updated together (N:M: a multiple of M)")
+    mu_candidates: list[float] = setting([0.03, 0.1, 0.3, 1.0, 3.0], "the mu values mu='auto' chooses among", nargs="+", type=float)
+    folds: int = setting(3, "folds of calibration sequences for mu='auto' (K >= 2; at most num_samples)")
+    cv_rows: int = setting(128, "output rows sampled per layer for mu='auto' (0 = all rows)")
+    damping: float = setting(0.01, "absolute damping eps, a share of mean(diag H), as SparseGPT's")
+    blocksize: int = setting(128, "columns updated together (N:M: a multiple of M)")
 
     def __post_init__(self) -> None:
         self.check_gradient_term()

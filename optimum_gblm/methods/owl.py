@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import GBLMConfig, check_number, option, option_flag
+from ..config import GBLMConfig, check_number, option_flag, setting
 from ..engine import run_layerwise, visit_without_calibration
 from ..registry import register_profile
 from ..scores import wanda_score
@@ -30,8 +30,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class OWLOptions:
-    threshold: float = option(5.0, "OWL's M: a score is an outlier above M times the block's mean score")
-    spread: float = option(0.08, "OWL's lambda: block sparsities stay within sparsity +- spread")
+    threshold: float = setting(5.0, "OWL's M: a score is an outlier above M times the block's mean score")
+    spread: float = setting(0.08, "OWL's lambda: block sparsities stay within sparsity +- spread")
 
     def __post_init__(self) -> None:
         self.threshold = check_number("owl threshold", self.threshold, 0.0, 1e6)

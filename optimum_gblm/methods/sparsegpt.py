@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import GBLMConfig, check_int, option
+from ..config import GBLMConfig, check_int, setting
 from ..obs import sparsegpt_prune
 from ..registry import register_method
 from ..stats import HessianStats
@@ -19,9 +19,9 @@ from .base import PruningMethod, check_blocksize
 
 @dataclass
 class SparseGPTOptions:
-    damping: float = option(0.01, "dampening added to the Hessian, as a share of its mean diagonal")
-    blocksize: int = option(128, "columns pruned and updated together (N:M: a multiple of M)")
-    refit_steps: int = option(
+    damping: float = setting(0.01, "dampening added to the Hessian, as a share of its mean diagonal")
+    blocksize: int = setting(128, "columns pruned and updated together (N:M: a multiple of M)")
+    refit_steps: int = setting(
         0, "after the sweep, move the kept weights towards the least-squares fit on the mask with this many "
         "conjugate-gradient steps; 0 is SparseGPT as published", absent=0,
     )

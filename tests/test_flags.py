@@ -8,10 +8,10 @@ import shlex
 import pytest
 from transformers import HfArgumentParser
 
-from optimum_gblm import options
+from optimum_gblm import flags
 from optimum_gblm.card import reproduce_command
 from optimum_gblm.cli import build_parser
-from optimum_gblm.config import GBLMConfig, PruningRuntime, option, option_flag
+from optimum_gblm.config import GBLMConfig, PruningRuntime, option_flag, setting
 from optimum_gblm.data import default_calibration_path
 from optimum_gblm.methods.base import PruningMethod
 from optimum_gblm.record import PruningRecord
@@ -20,8 +20,8 @@ from optimum_gblm.registry import METHODS, PROFILES, register_method
 
 def config_parser():
     parser = argparse.ArgumentParser()
-    options.add_config_arguments(parser)
-    options.add_runtime_arguments(parser)
+    flags.add_config_arguments(parser)
+    flags.add_runtime_arguments(parser)
     return parser
 
 
@@ -34,24 +34,24 @@ def flags_of(parser):
 
 
 def roundtrip(config):
-    return options.config_from_arguments(config_parser().parse_args(options.command_line_arguments(config)))
+    return flags.config_from_arguments(config_parser().parse_args(flags.command_line_arguments(config)))
 
 
 def test_every_recipe_field_has_a_flag_with_help():
-    flags = flags_of(prune_parser())
+    by_flag = flags_of(prune_parser())
     for f in dataclasses.fields(GBLMConfig):
         if not f.init or f.metadata.get("cli", True) is False:
             continue
         flag = "--" + f.name.replace("_", "-")
-        assert flag in flags, f"GBLMConfig.{f.name} has no CLI flag"
-        assert flags[flag].help and flags[flag].help.strip(), flag
-        assert flags[flag].dest == f.name
-    assert flags["--calibration"].dest == "dataset"  # alias kept
-    assert flags["--num-samples"].default == 128 and "128" in flags["--num-samples"].help
+        assert flag in by_flag, f"GBLMConfig.{f.name} has no CLI flag"
+        assert by_flag[flag].help and by_flag[flag].help.strip(), flag
+        assert by_flag[flag].dest == f.name
+    assert by_flag["--calibration"].dest == "dataset"  # alias kept
+    assert by_flag["--num-samples"].default == 128 and "128" in by_flag["--num-samples"].help
 
 
 def test_every_method_and_profile_option_has_a_flag_with_help():
-    flags = flags_of(prune_parser())
+    by_flag = flags_of(prune_parser())
     count = 0
     for table in (METHODS, PROFILES):
         for name, cls in table.items():
@@ -59,21 +59,21 @@ def test_every_method_and_profile_option_has_a_flag_with_help():
                 flag = option_flag(name, f.name, "method" if table is METHODS else "profile")
                 if not f.metadata.get("shared_by"):  # a method's own option is --<method>-<option>
                     assert flag == f"--{name}-{f.name}".replace("_", "-")
-                assert flag in flags, f"{name}'s option {f.name} has no CLI flag"
-                assert flags[flag].help.strip() and flags[flag].default is None
+                assert flag in by_flag, f"{name}'s option {f.name} has no CLI flag"
+                assert by_flag[flag].help.strip() and by_flag[flag].default is None
                 count += 1
     assert count >= 4
     for flag in ("--sparsegpt-damping", "--sparsegpt-blocksize", "--owl-threshold", "--owl-spread"):
-        assert flag in flags
-    assert "0.01" in flags["--sparsegpt-damping"].help and "--method sparsegpt" in flags["--sparsegpt-damping"].help
+        assert flag in by_flag
+    assert "0.01" in by_flag["--sparsegpt-damping"].help and "--method sparsegpt" in by_flag["--sparsegpt-damping"].help
 
 
 def test_every_runtime_setting_has_a_flag():
-    flags = flags_of(prune_parser())
-    assert {"--cache-dir", "--no-cache", "--gradient-checkpointing"} <= set(flags)
+    by_flag = flags_of(prune_parser())
+    assert {"--cache-dir", "--no-cache", "--gradient-checkpointing"} <= set(by_flag)
     parsed = prune_parser().parse_args(["--output", "x", "--no-cache", "--cache-dir", "c", "--gradient-checkpointing"])
-    assert options.runtime_from_arguments(parsed) == PruningRuntime(cache_dir="c", use_cache=False, gradient_checkpointing=True)
-    assert options.runtime_from_arguments(prune_parser().parse_args(["--output", "x"])) == PruningRuntime()
+    assert flags.runtime_from_arguments(parsed) == PruningRuntime(cache_dir="c", use_cache=False, gradient_checkpointing=True)
+    assert flags.runtime_from_arguments(prune_parser().parse_args(["--output", "x"])) == PruningRuntime()
 
 
 @pytest.mark.parametrize(
@@ -105,29 +105,39 @@ def test_list_and_parsed_method_options_round_trip(method_options):
 
 
 def test_command_line_arguments_are_a_diff_against_the_defaults():
-    assert options.command_line_arguments(GBLMConfig()) == []
-    assert options.command_line_arguments(GBLMConfig(method="sparsegpt", method_options={"damping": 0.01})) == [
+    assert flags.command_line_arguments(GBLMConfig()) == []
+    assert flags.command_line_arguments(GBLMConfig(method="sparsegpt", method_options={"damping": 0.01})) == [
         "--method", "sparsegpt"
     ]
-    args = options.command_line_arguments(GBLMConfig(method="sparsegpt", method_options={"blocksize": 32}))
+    args = flags.command_line_arguments(GBLMConfig(method="sparsegpt", method_options={"blocksize": 32}))
     assert args == ["--method", "sparsegpt", "--sparsegpt-blocksize", "32"]
-    args = options.command_line_arguments(GBLMConfig(sparsity_profile="owl", profile_options={"spread": 0.05}))
+    args = flags.command_line_arguments(GBLMConfig(sparsity_profile="owl", profile_options={"spread": 0.05}))
     assert args == ["--sparsity-profile", "owl", "--owl-spread", "0.05"]
-    assert options.command_line_arguments(GBLMConfig(), always=("method", "sparsity")) == ["--method", "gblm", "--sparsity", "0.5"]
+    assert flags.command_line_arguments(GBLMConfig(), always=("method", "sparsity")) == ["--method", "gblm", "--sparsity", "0.5"]
     # alpha is compared with the method's own default: gblm_obs's is "auto", so its 100 must be spelt out
-    assert options.command_line_arguments(GBLMConfig(method="gblm_obs")) == ["--method", "gblm_obs"]
-    args = options.command_line_arguments(GBLMConfig(method="gblm_obs", method_options={"alpha": 100}))
+    assert flags.command_line_arguments(GBLMConfig(method="gblm_obs")) == ["--method", "gblm_obs"]
+    args = flags.command_line_arguments(GBLMConfig(method="gblm_obs", method_options={"alpha": 100}))
     assert args == ["--method", "gblm_obs", "--alpha", "100"]
-    assert options.config_from_arguments(config_parser().parse_args(args)).method_settings().alpha == 100.0
-    assert options.config_from_arguments(config_parser().parse_args(["--method", "gblm_obs"])).method_settings().alpha == "auto"
+    assert flags.config_from_arguments(config_parser().parse_args(args)).method_settings().alpha == 100.0
+    assert flags.config_from_arguments(config_parser().parse_args(["--method", "gblm_obs"])).method_settings().alpha == "auto"
 
 
 def test_an_option_of_another_method_is_refused_by_name():
     parsed = config_parser().parse_args(["--method", "wanda", "--sparsegpt-damping", "0.1", "--owl-spread", "0.1"])
     with pytest.raises(ValueError, match=r"--sparsegpt-damping \(only with --method sparsegpt\).*--owl-spread"):
-        options.config_from_arguments(parsed)
+        flags.config_from_arguments(parsed)
     parsed = config_parser().parse_args(["--method", "sparsegpt", "--sparsegpt-damping", "0.1"])
-    assert options.config_from_arguments(parsed).method_options == {"damping": 0.1, "blocksize": 128, "refit_steps": 0}
+    assert flags.config_from_arguments(parsed).method_options == {"damping": 0.1, "blocksize": 128, "refit_steps": 0}
+
+
+def test_a_gradient_setting_with_a_method_without_gradients_is_refused():
+    # wanda has no gradient term, so --alpha and --gradient-norm mean nothing there: refused, not ignored
+    for flag, value in (("--alpha", "100"), ("--gradient-norm", "l2")):
+        parsed = config_parser().parse_args(["--method", "wanda", flag, value])
+        with pytest.raises(ValueError, match=rf"{flag} \(only with --method gblm, .*\) given, but the recipe uses --method wanda"):
+            flags.config_from_arguments(parsed)
+    with pytest.raises(ValueError, match=r"method 'wanda' has no options \['alpha'\]"):
+        GBLMConfig(method="wanda", method_options={"alpha": 100})
 
 
 def test_bad_values_are_usage_errors():
@@ -139,16 +149,16 @@ def test_bad_values_are_usage_errors():
 
 
 def test_examples_arguments_have_the_cli_names_and_help():
-    cls = options.pruning_arguments_dataclass()
+    cls = flags.pruning_arguments_dataclass()
     cli = {a.dest: a for a in prune_parser()._actions}
-    generated = options.all_flags()
-    recipe_dests = {f.dest for f in generated if f.dest not in {r.dest for r in options.runtime_flags()}}
+    generated = flags.all_flags()
+    recipe_dests = {f.dest for f in generated if f.dest not in {r.dest for r in flags.runtime_flags()}}
     assert {f.name for f in dataclasses.fields(cls)} == recipe_dests
     for f in dataclasses.fields(cls):
         assert f.metadata["help"] == cli[f.name].help
     # Every CLI spelling of a recipe option is accepted by the examples' parser too.
     hf = flags_of(HfArgumentParser(cls))
-    for flag in options.recipe_flags() + options.owner_flags():
+    for flag in flags.recipe_flags() + flags.owner_flags():
         assert set(flag.flags) <= set(hf), flag.flags
         assert "--" + flag.dest in hf
 
@@ -156,29 +166,29 @@ def test_examples_arguments_have_the_cli_names_and_help():
 def test_examples_arguments_build_the_same_config_as_the_cli():
     argv = ["--method", "sparsegpt", "--sparsegpt-blocksize", "32", "--num-samples", "8", "--calibration", "c4",
             "--target-modules", "q_proj", "k_proj", "--sparsity", "0.6"]
-    (args,) = HfArgumentParser(options.pruning_arguments_dataclass()).parse_args_into_dataclasses(argv)
-    expected = options.config_from_arguments(config_parser().parse_args(argv))
+    (args,) = HfArgumentParser(flags.pruning_arguments_dataclass()).parse_args_into_dataclasses(argv)
+    expected = flags.config_from_arguments(config_parser().parse_args(argv))
     assert args.to_config().recipe() == expected.recipe()
-    (args,) = HfArgumentParser(options.pruning_arguments_dataclass()).parse_args_into_dataclasses(["--alpha", "auto"])
+    (args,) = HfArgumentParser(flags.pruning_arguments_dataclass()).parse_args_into_dataclasses(["--alpha", "auto"])
     assert args.to_config().method_settings().alpha == "auto"
-    (args,) = HfArgumentParser(options.pruning_arguments_dataclass()).parse_dict({"alpha": 3, "use_variant": True})
+    (args,) = HfArgumentParser(flags.pruning_arguments_dataclass()).parse_dict({"alpha": 3, "use_variant": True})
     assert args.to_config().method_settings().alpha == 3.0 and args.to_config().method_settings().use_variant
 
 
 def test_examples_arguments_can_leave_out_what_training_arguments_define():
-    cls = options.pruning_arguments_dataclass(exclude=("seed",))
+    cls = flags.pruning_arguments_dataclass(exclude=("seed",))
     assert "seed" not in {f.name for f in dataclasses.fields(cls)}
     assert cls().to_config(seed=42).seed == 42
-    runtime = options.runtime_arguments_dataclass(exclude=("gradient_checkpointing", "use_cache"))
+    runtime = flags.runtime_arguments_dataclass(exclude=("gradient_checkpointing", "use_cache"))
     assert runtime().to_runtime(gradient_checkpointing=True) == PruningRuntime(gradient_checkpointing=True)
     with pytest.raises(ValueError, match="cannot exclude"):
-        options.pruning_arguments_dataclass(exclude=("calibration_seed",))
+        flags.pruning_arguments_dataclass(exclude=("calibration_seed",))
 
 
 @dataclasses.dataclass
 class ToyOptions:
-    strength: float = option(0.5, "how hard to push")
-    flip_sign: bool = option(False, "negate the score")
+    strength: float = setting(0.5, "how hard to push")
+    flip_sign: bool = setting(False, "negate the score")
 
 
 @pytest.fixture
@@ -193,13 +203,13 @@ def toy_method():
 
 
 def test_a_new_methods_options_appear_everywhere_without_hand_written_flags(toy_method):
-    flags = flags_of(prune_parser())
-    assert {"--toy-strength", "--toy-flip-sign", "--no-toy-flip-sign"} <= set(flags)
-    config = options.config_from_arguments(config_parser().parse_args(["--method", "toy", "--toy-flip-sign"]))
+    by_flag = flags_of(prune_parser())
+    assert {"--toy-strength", "--toy-flip-sign", "--no-toy-flip-sign"} <= set(by_flag)
+    config = flags.config_from_arguments(config_parser().parse_args(["--method", "toy", "--toy-flip-sign"]))
     assert config.method_options == {"strength": 0.5, "flip_sign": True}
-    assert options.command_line_arguments(config) == ["--method", "toy", "--toy-flip-sign"]
+    assert flags.command_line_arguments(config) == ["--method", "toy", "--toy-flip-sign"]
     assert roundtrip(config).recipe() == config.recipe()
-    assert "toy_strength" in {f.name for f in dataclasses.fields(options.pruning_arguments_dataclass())}
+    assert "toy_strength" in {f.name for f in dataclasses.fields(flags.pruning_arguments_dataclass())}
 
 
 def pruned_config(**recipe):
@@ -215,7 +225,7 @@ def parse_reproduce(line):
     argv = shlex.split(line)
     assert argv[:2] == ["optimum-gblm", "prune"]
     args = build_parser().parse_args(argv[1:])
-    return args, options.config_from_arguments(args)
+    return args, flags.config_from_arguments(args)
 
 
 @pytest.mark.parametrize(
@@ -248,26 +258,26 @@ def test_reproduce_command_leaves_out_calibration_it_cannot_name():
 
 @dataclasses.dataclass
 class ToyJobOptions:
-    target: str = option(help="where it goes", hf_name="output_dir")
-    size: int | None = option(None, "how many (default: all)")
-    model: str | None = option(None, "which model", hf_name="model_name_or_path")
-    quiet: bool = option(False, "say less")
+    target: str = setting(help="where it goes", hf_name="output_dir")
+    size: int | None = setting(None, "how many (default: all)")
+    model: str | None = setting(None, "which model", hf_name="model_name_or_path")
+    quiet: bool = setting(False, "say less")
 
 
 def test_any_options_dataclass_gets_cli_flags_and_example_arguments_from_its_fields():
     """The job's settings use the same machinery as the recipe: one field, one CLI flag, one example argument."""
     parser = argparse.ArgumentParser()
-    options.add_option_arguments(parser, ToyJobOptions, "toy", required=("model",))
-    flags = flags_of(parser)
-    assert {"--target", "--size", "--model", "--quiet"} <= set(flags)
-    assert flags["--target"].required and flags["--model"].required and not flags["--size"].required
-    assert flags["--size"].help == "how many (default: all)"
+    flags.add_option_arguments(parser, ToyJobOptions, "toy", required=("model",))
+    by_flag = flags_of(parser)
+    assert {"--target", "--size", "--model", "--quiet"} <= set(by_flag)
+    assert by_flag["--target"].required and by_flag["--model"].required and not by_flag["--size"].required
+    assert by_flag["--size"].help == "how many (default: all)"
     with pytest.raises(SystemExit):
         parser.parse_args(["--target", "t"])  # --model is required here
     parsed = parser.parse_args(["--target", "t", "--model", "m", "--size", "3", "--quiet"])
-    assert options.options_from_arguments(ToyJobOptions, parsed) == ToyJobOptions("t", 3, "m", True)
+    assert flags.options_from_arguments(ToyJobOptions, parsed) == ToyJobOptions("t", 3, "m", True)
 
-    cls = options.arguments_dataclass(ToyJobOptions)
+    cls = flags.arguments_dataclass(ToyJobOptions)
     assert cls.__name__ == "ToyJobArguments"
     assert [f.name for f in dataclasses.fields(cls)] == ["output_dir", "size", "model_name_or_path", "quiet"]
     hf = HfArgumentParser(cls)
@@ -278,5 +288,5 @@ def test_any_options_dataclass_gets_cli_flags_and_example_arguments_from_its_fie
         hf.parse_args_into_dataclasses([])  # required: no default
     (args,) = hf.parse_dict({"output_dir": "t", "size": 2})  # a JSON file uses the example names
     assert args.to_options(quiet=True) == ToyJobOptions("t", 2, None, True)
-    assert [f.name for f in dataclasses.fields(options.arguments_dataclass(ToyJobOptions, exclude=("target", "quiet")))] == [
+    assert [f.name for f in dataclasses.fields(flags.arguments_dataclass(ToyJobOptions, exclude=("target", "quiet")))] == [
         "size", "model_name_or_path"]

@@ -7,7 +7,7 @@ registered method's / profile's `Options` dataclass), and this module turns thos
 - the flags that reproduce a recipe (`command_line_arguments`, used by the model card's reproduce line),
 
 so that a new recipe field or method option shows up everywhere without a hand-written flag. The same machinery
-serves any dataclass whose fields are declared with `config.option` (`option_flags`, `add_option_arguments`,
+serves any dataclass whose fields are declared with `config.setting` (`option_flags`, `add_option_arguments`,
 `options_from_arguments`, `arguments_dataclass`): `optimum_gblm.jobs` declares the prune job's own settings that way.
 
 Naming: a recipe field `num_samples` is `--num-samples` (examples: `--num_samples`, which HfArgumentParser also
@@ -133,7 +133,7 @@ def _flag_for(
     text = str(meta.get("help") or "").strip()
     if not text:
         where = f"{owner[0]} {owner[1][0]!r}'s option" if owner else "GBLMConfig field"
-        raise ValueError(f"{where} {f.name!r} has no help text: give it `option(default, 'help ...')`.")
+        raise ValueError(f"{where} {f.name!r} has no help text: give it `setting(default, 'help ...')`.")
     inner, optional = _strip_optional(hint)
     if isinstance(inner, str):  # unresolved annotation
         inner = type(option_default) if option_default is not None else str
@@ -194,7 +194,7 @@ def _flag_for(
 
 def option_flags(option_class: type) -> list[Flag]:
     """One flag per field of an options dataclass meant for the command line (metadata `cli` not False): a field
-    `eval_seqlen` is `--eval-seqlen`. Fields are declared with `config.option(default, help, ...)`; metadata
+    `eval_seqlen` is `--eval-seqlen`. Fields are declared with `config.setting(default, help, ...)`; metadata
     `hf_name` names the field in the example scripts where transformers spells it otherwise (`model_name_or_path`)."""
     hints = _type_hints(option_class)
     return [
@@ -520,7 +520,7 @@ def pruning_arguments_dataclass(exclude: Sequence[str] = (), name: str = "Prunin
     def to_config(self: Any, **overrides: Any) -> GBLMConfig:
         return config_from_arguments(self, **overrides)
 
-    doc = "The pruning recipe, generated from GBLMConfig (see optimum_gblm.options)."
+    doc = "The pruning recipe, generated from GBLMConfig (see optimum_gblm.flags)."
     return _arguments_dataclass(name, _checked(recipe_flags() + owner_flags()), exclude, doc, {"to_config": to_config})
 
 
@@ -534,7 +534,7 @@ def arguments_dataclass(option_class: type, exclude: Sequence[str] = (), name: s
         return options_from_arguments(option_class, self, **overrides)
 
     name = name or option_class.__name__.replace("Options", "") + "Arguments"
-    doc = f"Generated from {option_class.__name__} (see optimum_gblm.options). {option_class.__doc__ or ''}".strip()
+    doc = f"Generated from {option_class.__name__} (see optimum_gblm.flags). {option_class.__doc__ or ''}".strip()
     return _arguments_dataclass(name, option_flags(option_class), exclude, doc, {"to_options": to_options})
 
 
