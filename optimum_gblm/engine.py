@@ -26,9 +26,14 @@ class LayerVisitor(Protocol):
     (OWL's outlier statistics)."""
 
     collects_inputs: bool
+    needs_block_gradients: bool  # measure_block_gradients runs each block's calibration forwards (with a backward)
 
     def new_stats(self, name: str, module: nn.Module) -> Any:
         """A fresh statistics accumulator with an `add_batch(inputs)` method."""
+
+    def measure_block_gradients(self, block: nn.Module, layers: dict[str, nn.Module], inputs: BlockInputs) -> None:
+        """Block-local gradients of `layers` (see `gradients.block_gradient_norms`), before any of them is visited;
+        its forwards feed the layers' statistics, so the block needs no other statistics pass."""
 
     def visit_layer(self, name: str, module: nn.Module, stats: Any) -> None:
         """Measure or prune `module` (its full model name is `name`); in-place weight changes are written back."""
@@ -182,12 +187,18 @@ def _visit_block(
     stats = {}
     if visitor.collects_inputs and layers:
         stats = {name: visitor.new_stats(name, module) for name, module in layers.items()}
+    if stats or (visitor.needs_block_gradients and layers):
+        # Under a backward pass a layer's inputs carry the autograd graph: statistics take them detached.
         handles = [
-            module.register_forward_pre_hook(lambda mod, args, s=stats[name]: s.add_batch(args[0]))
+            module.register_forward_pre_hook(lambda mod, args, s=stats[name]: s.add_batch(args[0].detach()))
             for name, module in layers.items()
+            if name in stats
         ]
         try:
-            inputs.run(block)
+            if visitor.needs_block_gradients:
+                visitor.measure_block_gradients(block, layers, inputs)
+            else:
+                inputs.run(block)
         finally:
             for handle in handles:
                 handle.remove()

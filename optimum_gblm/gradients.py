@@ -2,6 +2,9 @@
 
     l1: G = sum_n |s g_n|          l2: G = sqrt(sum_n (s g_n)^2)          (no division by N)
 
+`block_gradient_norms` is the block-local form (gradient_loss="block"): g_n is the gradient of one decoder block's
+output norm ||f(X_n)||_2, back-propagated through that block only, during its turn in the layer pass.
+
 Each parameter's gradient is folded into its fp32 accumulator the moment autograd produces it (a post-accumulate
 hook), then freed, so a second full copy of the gradients never exists. Results are cached on disk as safetensors,
 keyed by model identity, calibration tokens and settings.
@@ -25,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import safe_open
@@ -246,6 +249,37 @@ class _NormSums:
                        else "; its half-precision gradients overflowed.")
                 )
         return sums
+
+
+class BlockSequences(Protocol):
+    """What a decoder block is called with in its turn (`engine.BlockInputs`): one row of `hidden` per sequence."""
+
+    hidden: torch.Tensor
+
+    def output(self, block: nn.Module, index: int) -> torch.Tensor: ...
+
+
+def block_gradient_norms(
+    block: nn.Module, modules: dict[str, nn.Module], inputs: BlockSequences, norm: str = "l1"
+) -> dict[str, torch.Tensor]:
+    """Block-local gradient norms of the weights of `modules` (layers inside `block`), laid out as the weights, fp32.
+
+    For each sequence n, g_n is the gradient of ||f(X_n)||_2, the l2 norm of the block's output on its inputs X_n,
+    back-propagated through this block only (Wanda++'s regional gradient), and folded into G as the full-model stage
+    folds the LM loss's (l1 or l2 over sequences). A loss of the output against the dense model's output would have
+    no gradient at the dense weights (it is at its minimum there), so the output's own norm is the local loss.
+    Memory is one block's weights, one accumulator per weight and one sequence's activations; the model and its
+    requires_grad flags are left as they were. Forward pre-hooks on the layers see every sequence once, with the
+    inputs the layer pass's statistics need (detach them: they carry the autograd graph).
+    """
+    if norm not in ("l1", "l2"):
+        raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}.")
+    sums = _NormSums(modules, norm, 1.0)
+    with sums.hooked(block), torch.enable_grad():
+        for index in range(inputs.hidden.shape[0]):
+            output = inputs.output(block, index)
+            torch.linalg.vector_norm(output.float()).backward()
+    return sums.finish(world=1)
 
 
 def _backward_each(

@@ -21,8 +21,11 @@ class PruningStep(Protocol):
     """The part of a pruning method the engine calls (see `methods.base.PruningMethod`)."""
 
     needs_activations: bool
+    needs_block_gradients: bool
 
     def new_stats(self, name: str, module: nn.Module) -> Any: ...
+
+    def measure_block_gradients(self, block: nn.Module, layers: dict[str, nn.Module], inputs: Any) -> None: ...
 
     def prune_layer(self, name: str, module: nn.Module, stats: Any, sparsity: float) -> torch.Tensor: ...
 
@@ -47,10 +50,14 @@ class _MaskRecorder:
     def __init__(self, method: PruningStep, sparsities: Mapping[str, float]):
         self.method, self.sparsities = method, sparsities
         self.collects_inputs = method.needs_activations
+        self.needs_block_gradients = method.needs_block_gradients
         self.masks = LayerMasks()
 
     def new_stats(self, name: str, module: nn.Module) -> Any:
         return self.method.new_stats(name, module)
+
+    def measure_block_gradients(self, block: nn.Module, layers: dict[str, nn.Module], inputs: Any) -> None:
+        self.method.measure_block_gradients(block, layers, inputs)
 
     def visit_layer(self, name: str, module: nn.Module, stats: Any) -> None:
         weight = weight_matrix(module)

@@ -152,8 +152,13 @@ class GBLMPruner(OptimumQuantizer):
             show = self.runtime.show_progress
             sparsities = profile.layer_sparsities(model, run.input_ids, method, plan.modules, show_progress=show)
             masks = prune_layers(model, run.input_ids, method, sparsities, run.config.target_modules, show)
-        timings = {"gradients": gradient_seconds, "prune": time.perf_counter() - tick, "total": 0.0}
-        timings["total"] = time.perf_counter() - start
+        # Block-local gradients are measured inside the layer pass: their seconds count as the gradient stage's.
+        layer_pass = time.perf_counter() - tick
+        timings = {
+            "gradients": gradient_seconds + method.block_gradient_seconds,
+            "prune": layer_pass - method.block_gradient_seconds,
+            "total": time.perf_counter() - start,
+        }
         self._record(model, plan, run, method, masks, timings)
         return model
 
@@ -161,7 +166,14 @@ class GBLMPruner(OptimumQuantizer):
     def _check(self, model: nn.Module, gradient_norms: dict[str, torch.Tensor] | str | os.PathLike | None) -> PrunePlan:
         """Everything that can be checked before touching the model: bad input must leave it as it was."""
         config = self.config
-        needs_gradients = get_method(config.method).gradients_needed(config)
+        gradient_loss = get_method(config.method).gradient_loss(config)
+        needs_gradients = gradient_loss == "model"  # "block": measured in the layer pass, block by block
+        if gradient_loss == "block" and gradient_norms is not None:
+            raise ValueError(
+                "gradient_norms are the model loss's gradients, but this recipe measures block-local ones in the "
+                "layer pass (gradient_loss='block'): drop gradient_norms, or set method_options={'gradient_loss': "
+                "'model'} (--gradient-loss model) to use them."
+            )
         find_decoder_blocks(model)
         check_not_fsdp1(model, "pruning")
         modules = prunable_modules(model, config.target_modules)
@@ -258,7 +270,7 @@ class PrunePlan:
 
     modules: dict[str, nn.Module]
     compute_device: torch.device | None
-    needs_gradients: bool
+    needs_gradients: bool  # the model-loss gradient stage runs before the layer pass (not for gradient_loss="block")
     gradient_norms: dict[str, torch.Tensor] | None  # precomputed and checked; None: the gradient stage computes them
 
 
@@ -337,7 +349,9 @@ def check_gradients_computable(modules: dict[str, nn.Module]) -> None:
     if offloaded:
         raise ValueError(
             f"the gradient stage cannot run on a model whose decoder weights are offloaded by accelerate "
-            f"({len(offloaded)} layers, first: {offloaded[0]}): their gradients would be lost. Pass precomputed "
+            f"({len(offloaded)} layers, first: {offloaded[0]}): their gradients would be lost. Take block-local "
+            f"gradients instead, method_options={{'gradient_loss': 'block'}} (--gradient-loss block: each block's "
+            f"gradients on the block onloaded for its turn), or pass precomputed "
             f"norms, GBLMPruner(config).prune(model, calibration, gradient_norms=...) (a dict, or a safetensors file "
             f"as optimum_gblm.gradients.save_gradient_norms writes, computed on the model loaded without offload), or "
             f"load the model without CPU/disk offload."

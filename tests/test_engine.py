@@ -85,6 +85,7 @@ class Recorder:
     the layer when `prune_half`)."""
 
     collects_inputs = True
+    needs_block_gradients = False
 
     def __init__(self, seen: dict, prune_half: bool = False):
         self.seen, self.prune_half = seen, prune_half

@@ -17,6 +17,7 @@ flags keep plain names (`--alpha`, `--scope`) while a method's own options are `
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from ..config import GBLMConfig, option_flag, parse_alpha, setting
+from ..gradients import block_gradient_norms
 from ..scores import auto_alpha
 from ..stats import InputStats
 from ..structure import weight_matrix
@@ -32,6 +34,7 @@ Tensor = torch.Tensor
 Modules = dict[str, nn.Module]
 
 GRADIENT_NORMS = ("l1", "l2")
+GRADIENT_LOSSES = ("model", "block")
 SCOPES = ("row", "layer")
 SCORE_METHODS = "score methods (wanda, gblm, magnitude, ...)"
 GRADIENT_METHODS = "methods with a gradient term (gblm, gblm_obs, ...)"
@@ -78,6 +81,14 @@ class GradientOptions:
         "l1", "accumulation of per-sequence gradients: l1 (the paper) or l2", choices=GRADIENT_NORMS,
         shared_by=GRADIENT_METHODS,
     )
+    gradient_loss: str = setting(
+        "model",
+        "what the gradients are of: 'model', the causal-LM loss, one backward through the whole model before the "
+        "layer pass (the GBLM paper's; memory of a training step); 'block', each decoder block's output norm, "
+        "back-propagated through that block only during its turn in the layer pass (Wanda++'s regional gradients; "
+        "memory of one block, no gradient cache)",
+        choices=GRADIENT_LOSSES, shared_by=GRADIENT_METHODS,
+    )
 
     def __post_init__(self) -> None:
         self.check_gradient_term()
@@ -85,6 +96,8 @@ class GradientOptions:
     def check_gradient_term(self) -> None:
         if not isinstance(self.gradient_norm, str) or self.gradient_norm not in GRADIENT_NORMS:
             raise ValueError(f"gradient_norm must be one of {GRADIENT_NORMS}, got {self.gradient_norm!r}.")
+        if not isinstance(self.gradient_loss, str) or self.gradient_loss not in GRADIENT_LOSSES:
+            raise ValueError(f"gradient_loss must be one of {GRADIENT_LOSSES}, got {self.gradient_loss!r}.")
         if self.alpha is None:
             self.alpha = self.default_alpha
         if self.alpha == "auto":
@@ -130,6 +143,7 @@ class PruningMethod:
         self.config = config
         self.options = config.method_settings()
         self.gradient_norms = gradient_norms
+        self.block_gradient_seconds = 0.0
         # Values chosen per layer, by setting name ({"alpha": {layer: value}}): saved in the record.
         self.layer_settings: dict[str, dict[str, float]] = {}
 
@@ -146,6 +160,25 @@ class PruningMethod:
     def gradient_norm(cls, config: GBLMConfig) -> str:
         """How the gradient stage accumulates per-sequence gradients for this recipe (part of the cache key)."""
         return config.method_options.get("gradient_norm", "l1")
+
+    @classmethod
+    def gradient_loss(cls, config: GBLMConfig) -> str | None:
+        """Where this recipe's gradients come from: "model" (the pruner's gradient stage, before the layer pass),
+        "block" (each block's turn, `measure_block_gradients`), or None (no gradients needed)."""
+        if not cls.gradients_needed(config):
+            return None
+        return config.method_options.get("gradient_loss", "model")
+
+    @property
+    def needs_block_gradients(self) -> bool:
+        return self.gradient_loss(self.config) == "block"
+
+    def measure_block_gradients(self, block: nn.Module, layers: Modules, inputs: Any) -> None:
+        """gradient_loss="block": this block's gradient norms, which replace the previous block's (memory stays one
+        block's); the seconds are added to `block_gradient_seconds`."""
+        tick = time.perf_counter()
+        self.gradient_norms = block_gradient_norms(block, layers, inputs, self.gradient_norm(self.config))
+        self.block_gradient_seconds += time.perf_counter() - tick
 
     def weighted_gradient(self, name: str, gradient: torch.Tensor, input_sq_mean: torch.Tensor | None) -> torch.Tensor:
         """alpha * G for one layer; alpha="auto" is resolved from this layer's statistics (`scores.auto_alpha`) and

@@ -49,6 +49,8 @@ class OutlierMeter:
     def __init__(self, method: PruningMethod, threshold: float = 5.0):
         self.method, self.threshold = method, threshold
         self.collects_inputs = _measures_activations(type(method))
+        # The method's scores on the dense model need that model's block-local gradients, when it uses them.
+        self.needs_block_gradients = method.needs_block_gradients
         self.outlier_share: dict[str, float] = {}
         self.block_params: dict[str, int] = {}
         self.block_layers: dict[str, list[str]] = {}
@@ -57,6 +59,9 @@ class OutlierMeter:
 
     def new_stats(self, name: str, module: nn.Module) -> InputStats:
         return InputStats(weight_matrix(module).shape[1], module.weight.device)
+
+    def measure_block_gradients(self, block: nn.Module, layers: Modules, inputs: Any) -> None:
+        self.method.measure_block_gradients(block, layers, inputs)
 
     @torch.no_grad()
     def visit_layer(self, name: str, module: nn.Module, stats: Any) -> None:

@@ -24,6 +24,11 @@ class ScoreMethod(PruningMethod):
     @classmethod
     def check_config(cls, config: GBLMConfig) -> None:
         options = config.method_options
+        if options.get("gradient_loss") == "block" and not cls.needs_activations:
+            raise ValueError(
+                f"method {cls.name!r} visits no calibration activations, so it has no block inputs to take block-local "
+                f"gradients from: use gradient_loss='model' (--gradient-loss model) or a method such as gblm."
+            )
         if config.nm is not None:
             if options["use_variant"]:
                 raise ValueError("use_variant (Wanda's variant) only applies to pattern='unstructured'.")
