@@ -77,6 +77,13 @@ METHODS = {
     "sparsegpt-update0.5-refit10": {
         "method": "gblm_obs", "method_options": {**JOINT, "score": "wanda", "mu": 0.0, "update_mu": 0.5, "refit_steps": 10}
     },
+    # block-local gradients (gradient_loss="block": each block's output norm, back-propagated through that block in
+    # its turn) instead of the model loss's: the default recipe, and GBLM's score
+    "gblm-obs-block": {
+        "method": "gblm_obs", "alpha": "auto",
+        "method_options": {**JOINT, "mu": 0.5, "gradient_form": "scale", "refit_steps": 10, "gradient_loss": "block"},
+    },
+    "gblm-auto-block": {"method": "gblm", "alpha": "auto", "method_options": {"gradient_loss": "block"}},
 }
 TEXTS = {
     **{f"{label} (val)": spec for label, spec in common.VALIDATION_FILES.items()},
@@ -254,7 +261,8 @@ def main() -> None:
                         num_samples=args.num_samples, seqlen=args.seqlen, seed=seed,
                     )
                     restore()
-                    if gradient_s == "-" and get_method(config.method).gradients_needed(config):
+                    gradient_loss = get_method(config.method).gradient_loss(config)
+                    if gradient_s == "-" and gradient_loss == "model":
                         # Stage 1 once per seed (l1, stored without alpha): every method and pattern reuses it.
                         tick = time.perf_counter()
                         cached_gradient_norms(model, calibration, modules, norm="l1", cache_dir=cache_dir, show_progress=False)
@@ -268,7 +276,10 @@ def main() -> None:
                         "method": label, "pattern": pattern, "seed": seed,
                         "ppl": common.perplexities(model, eval_tokens, args.eval_seqlen, start_token=start_token),
                         "prune_s": record.timings_seconds["prune"],
-                        "gradient_s": gradient_s if get_method(config.method).gradients_needed(config) else "-",
+                        # block-local gradients are measured inside this prune, once per row
+                        "gradient_s": {"model": gradient_s, "block": f"{record.timings_seconds['gradients']:.1f}"}.get(
+                            gradient_loss, "-"
+                        ),
                         "gradient_rss": "-",
                         # RSS growth over the stage's start (the allocator may reuse memory freed by earlier rows)
                         "prune_rss_growth_gib": round((rss.peak - rss.start) / 2**30, 3),
