@@ -161,10 +161,15 @@ def compute_gradient_norms(
     return sums.finish(world)
 
 
-def _check_can_compute(model: nn.Module, norm: str) -> None:
-    """Refuse, before any forward, a norm that does not exist and a model whose gradients would not be its own."""
+def check_norm(norm: str) -> None:
+    """The two ways per-sequence gradients are folded: l1 or l2."""
     if norm not in ("l1", "l2"):
         raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}.")
+
+
+def _check_can_compute(model: nn.Module, norm: str) -> None:
+    """Refuse, before any forward, a norm that does not exist and a model whose gradients would not be its own."""
+    check_norm(norm)
     if getattr(model, "_gblm_gradient_hooks", None):
         # Their hooks zero the gradients of weights an earlier prune masked: the norms would describe that mask and
         # be cached under the key of whatever weights the model now holds.
@@ -272,8 +277,7 @@ def block_gradient_norms(
     requires_grad flags are left as they were. Forward pre-hooks on the layers see every sequence once, with the
     inputs the layer pass's statistics need (detach them: they carry the autograd graph).
     """
-    if norm not in ("l1", "l2"):
-        raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}.")
+    check_norm(norm)
     sums = _NormSums(modules, norm, 1.0)
     with sums.hooked(block), torch.enable_grad():
         for index in range(inputs.hidden.shape[0]):
