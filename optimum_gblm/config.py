@@ -325,6 +325,7 @@ class GBLMConfig(QuantizationConfigMixin):
             raise ValueError(f"sparsity_profile must be one of {sorted(PROFILES)}, got {self.sparsity_profile!r}.")
         self.profile_options = options_dict(profile.Options, self.profile_options, f"sparsity_profile {self.sparsity_profile!r}")
         method.check_config(self)
+        method.gradient_samples(self, self.num_samples)  # refuses more gradient sequences than calibration ones
         profile.check_config(self)
         if isinstance(self.record, dict):
             self.record = PruningRecord.from_dict(self.record)

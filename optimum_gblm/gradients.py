@@ -22,6 +22,7 @@ import contextlib
 import errno
 import hashlib
 import logging
+import math
 import os
 import signal
 import threading
@@ -265,7 +266,8 @@ class BlockSequences(Protocol):
 
 
 def block_gradient_norms(
-    block: nn.Module, modules: dict[str, nn.Module], inputs: BlockSequences, norm: str = "l1"
+    block: nn.Module, modules: dict[str, nn.Module], inputs: BlockSequences, norm: str = "l1",
+    num_sequences: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Block-local gradient norms of the weights of `modules` (layers inside `block`), laid out as the weights, fp32.
 
@@ -276,14 +278,33 @@ def block_gradient_norms(
     Memory is one block's weights, one accumulator per weight and one sequence's activations; the model and its
     requires_grad flags are left as they were. Forward pre-hooks on the layers see every sequence once, with the
     inputs the layer pass's statistics need (detach them: they carry the autograd graph).
+
+    `num_sequences`: only the first ones get a backward (the others a plain forward, for those hooks), and the norms
+    are rescaled to all sequences (`rescaled_to_all_sequences`).
     """
     check_norm(norm)
+    total = inputs.hidden.shape[0]
+    used = total if num_sequences is None else num_sequences
     sums = _NormSums(modules, norm, 1.0)
-    with sums.hooked(block), torch.enable_grad():
-        for index in range(inputs.hidden.shape[0]):
-            output = inputs.output(block, index)
-            torch.linalg.vector_norm(output.float()).backward()
-    return sums.finish(world=1)
+    with sums.hooked(block):
+        for index in range(total):
+            if index < used:
+                with torch.enable_grad():
+                    torch.linalg.vector_norm(inputs.output(block, index).float()).backward()
+            else:
+                with torch.no_grad():
+                    inputs.output(block, index)
+    return rescaled_to_all_sequences(sums.finish(world=1), norm, used, total)
+
+
+def rescaled_to_all_sequences(norms: dict[str, torch.Tensor], norm: str, used: int, total: int) -> dict[str, torch.Tensor]:
+    """Norms taken on `used` of `total` calibration sequences, scaled to what all of them would sum to on average
+    (l1, a sum: total / used; l2, the root of a sum of squares: sqrt(total / used)), so that a fixed alpha weighs
+    the gradient term alike whatever gradient_samples is. Identity when every sequence was used."""
+    if used == total:
+        return norms
+    factor = total / used if norm == "l1" else math.sqrt(total / used)
+    return {name: value * factor for name, value in norms.items()}
 
 
 def _backward_each(

@@ -23,7 +23,14 @@ from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, register_quanti
 from .checkpoint import check_output_dir, save_pretrained_atomically
 from .config import GBLMConfig, PruningRuntime
 from .data import CalibrationSource, get_calibration_data, source_description
-from .gradients import cached_gradient_norms, check_gradient_norms, check_not_fsdp1, is_dtensor, load_gradient_norms
+from .gradients import (
+    cached_gradient_norms,
+    check_gradient_norms,
+    check_not_fsdp1,
+    is_dtensor,
+    load_gradient_norms,
+    rescaled_to_all_sequences,
+)
 from .layer_masks import prune_layers
 from .modeling import base_model_info, load_model, strip_gguf_quantization
 from .placement import check_compute_device, check_offload_writable, compute_on, is_offloaded
@@ -174,6 +181,11 @@ class GBLMPruner(OptimumQuantizer):
                 "layer pass (gradient_loss='block'): drop gradient_norms, or set method_options={'gradient_loss': "
                 "'model'} (--gradient-loss model) to use them."
             )
+        if gradient_norms is not None and config.method_options.get("gradient_samples") is not None:
+            raise ValueError(
+                "gradient_samples chooses the sequences the gradient stage takes, but gradient_norms are given, so no "
+                "gradient stage runs: drop gradient_samples (the record would claim it), or drop gradient_norms."
+            )
         find_decoder_blocks(model)
         check_not_fsdp1(model, "pruning")
         modules = prunable_modules(model, config.target_modules)
@@ -223,17 +235,20 @@ class GBLMPruner(OptimumQuantizer):
         if not plan.needs_gradients or plan.gradient_norms is not None:
             return plan.gradient_norms, 0.0
         tick = time.perf_counter()
+        method = get_method(run.config.method)
+        norm, total = method.gradient_norm(run.config), run.input_ids.shape[0]
+        used = method.gradient_samples(run.config, total)
         norms = cached_gradient_norms(
             model,
-            run.input_ids,
+            run.input_ids[:used],  # the cache is keyed by these very sequences
             plan.modules,
-            norm=get_method(run.config.method).gradient_norm(run.config),  # stored without alpha: one cache, every alpha
+            norm=norm,  # stored without alpha: one cache, every alpha
             cache_dir=self.runtime.cache_dir,
             use_cache=self.runtime.use_cache,
             gradient_checkpointing=self.runtime.gradient_checkpointing,
             show_progress=self.runtime.show_progress,
         )
-        return norms, time.perf_counter() - tick
+        return rescaled_to_all_sequences(norms, norm, used, total), time.perf_counter() - tick
 
     def _record(
         self, model: nn.Module, plan: PrunePlan, run: PruneRun, method: Any, masks: Any, timings: dict[str, float]

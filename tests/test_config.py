@@ -183,12 +183,13 @@ def test_a_remeasurement_without_dense_keeps_the_earlier_dense_number():
 
 def test_recipes_with_the_flat_method_settings_of_earlier_versions_load():
     # Before each method's settings lived in its options, alpha, gradient_norm, scope and use_variant were flat keys.
-    # (gradient_loss came later still: such a recipe lacks it, and its gradients were the model loss's)
+    # (gradient_loss and gradient_samples came later still: such a recipe lacks them; its gradients were the model
+    # loss's, on every sequence)
     old = GBLMConfig(method_options={"alpha": 10.0, "gradient_norm": "l2"}).to_dict()
-    flat = {k: v for k, v in old.pop("method_options").items() if k != "gradient_loss"}
+    flat = {k: v for k, v in old.pop("method_options").items() if k not in ("gradient_loss", "gradient_samples")}
     old = {**old, **flat, "method_options": {}}
     loaded = GBLMConfig.from_dict(old)
-    assert loaded.method_options == {**flat, "gradient_loss": "model"}
+    assert loaded.method_options == {**flat, "gradient_loss": "model", "gradient_samples": None}
     # the masks checksum of such a checkpoint covers its own layout
     assert {k: v for k, v in old.items() if k != "record"} in loaded.checksum_recipes()
     # every old recipe listed them, whatever the method: where they meant nothing they are dropped

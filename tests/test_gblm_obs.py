@@ -137,7 +137,8 @@ def test_a_checkpoint_written_before_refit_steps_existed_loads_without_refit():
     # written with the gradient factor and update_mu, before refit_steps: it keeps its factor and does not refit
     config = GBLMConfig(method="gblm_obs", method_options={"mu": 1.0, "refit_steps": 0})
     stored = config.to_dict()
-    del stored["method_options"]["refit_steps"]
+    for added in ("refit_steps", "gradient_loss", "gradient_samples"):
+        del stored["method_options"][added]
     loaded = GBLMConfig.from_dict(stored)
     assert (loaded.method_settings().gradient_form, loaded.method_settings().refit_steps, loaded.method_settings().mu) == ("scale", 0, 1.0)
     assert {**config.recipe(), "method_options": stored["method_options"]} in loaded.checksum_recipes()
@@ -163,12 +164,13 @@ def test_auto_mu_scores_the_update_it_will_use(monkeypatch):
 
 
 def test_a_checkpoint_written_before_gradient_form_existed_loads_as_the_bonus_it_used():
-    # Such a config.json lists every option of its day; gradient_form, update_mu and refit_steps were added later.
+    # Such a config.json lists every option of its day; gradient_form, update_mu, refit_steps, gradient_loss and
+    # gradient_samples were added later.
     # Its masks checksum covers the recipe as written then; its joint selection added the gradient term as a bonus
     # and did not refit.
     config = GBLMConfig(method="gblm_obs", method_options={"gradient_form": "bonus", "refit_steps": 0})
     stored = config.to_dict()
-    for added in ("gradient_form", "update_mu", "refit_steps"):
+    for added in ("gradient_form", "update_mu", "refit_steps", "gradient_loss", "gradient_samples"):
         del stored["method_options"][added]
     recipe_then = {**config.recipe(), "method_options": dict(stored["method_options"])}
     loaded = GBLMConfig.from_dict(stored)

@@ -87,7 +87,14 @@ class GradientOptions:
         "layer pass (the GBLM paper's; memory of a training step); 'block', each decoder block's output norm, "
         "back-propagated through that block only during its turn in the layer pass (Wanda++'s regional gradients; "
         "memory of one block, no gradient cache)",
-        choices=GRADIENT_LOSSES, shared_by=GRADIENT_METHODS,
+        choices=GRADIENT_LOSSES, shared_by=GRADIENT_METHODS, absent="model",  # recipes before it took the model loss's
+    )
+    gradient_samples: int | None = setting(
+        None,
+        "take the gradients on the first n calibration sequences only (default: all of them). The gradient stage's "
+        "time grows with n, the layer pass still sees every sequence; the norms are rescaled to all sequences, so a "
+        "fixed alpha keeps its weight",
+        type=int, shared_by=GRADIENT_METHODS, absent=None,
     )
 
     def __post_init__(self) -> None:
@@ -98,6 +105,13 @@ class GradientOptions:
             raise ValueError(f"gradient_norm must be one of {GRADIENT_NORMS}, got {self.gradient_norm!r}.")
         if not isinstance(self.gradient_loss, str) or self.gradient_loss not in GRADIENT_LOSSES:
             raise ValueError(f"gradient_loss must be one of {GRADIENT_LOSSES}, got {self.gradient_loss!r}.")
+        if self.gradient_samples is not None and (
+            isinstance(self.gradient_samples, bool) or not isinstance(self.gradient_samples, int) or self.gradient_samples < 1
+        ):
+            raise ValueError(
+                f"gradient_samples must be a whole number >= 1 (calibration sequences), got {self.gradient_samples!r}; "
+                f"leave it out to take the gradients on every sequence."
+            )
         if self.alpha is None:
             self.alpha = self.default_alpha
         if self.alpha == "auto":
@@ -169,6 +183,19 @@ class PruningMethod:
             return None
         return config.method_options.get("gradient_loss", "model")
 
+    @classmethod
+    def gradient_samples(cls, config: GBLMConfig, num_sequences: int) -> int:
+        """How many of the `num_sequences` calibration sequences the gradients are taken on (the first ones)."""
+        wanted = config.method_options.get("gradient_samples") if cls.gradients_needed(config) else None
+        if wanted is None:
+            return num_sequences
+        if wanted > num_sequences:
+            raise ValueError(
+                f"gradient_samples={wanted} asks for more calibration sequences than there are ({num_sequences}): lower "
+                f"gradient_samples (--gradient-samples), raise num_samples, or leave gradient_samples out to use them all."
+            )
+        return wanted
+
     @property
     def needs_block_gradients(self) -> bool:
         return self.gradient_loss(self.config) == "block"
@@ -177,7 +204,10 @@ class PruningMethod:
         """gradient_loss="block": this block's gradient norms, which replace the previous block's (memory stays one
         block's); the seconds are added to `block_gradient_seconds`."""
         tick = time.perf_counter()
-        self.gradient_norms = block_gradient_norms(block, layers, inputs, self.gradient_norm(self.config))
+        total = inputs.hidden.shape[0]
+        self.gradient_norms = block_gradient_norms(
+            block, layers, inputs, self.gradient_norm(self.config), self.gradient_samples(self.config, total)
+        )
         self.block_gradient_seconds += time.perf_counter() - tick
 
     def weighted_gradient(self, name: str, gradient: torch.Tensor, input_sq_mean: torch.Tensor | None) -> torch.Tensor:
