@@ -4,9 +4,9 @@ process's peak RSS during the prune (the loaded model included), against SparseG
 seed. Fresh processes keep one row's peak from carrying into the next, and hold one copy of the model only (the
 in-process scripts keep a dense copy beside it to restore from, which a 1.5B fp32 model cannot afford in 24 GiB).
 
-    python benchmarks/large_model.py --model /path/to/Qwen2.5-Coder-1.5B --label "Qwen2.5-Coder-1.5B" \
-        --num-samples 16 --eval-tokens 2048 --methods sparsegpt,wanda,gblm-obs-joint-mu0.5-scale-refit10 \
-        --output benchmarks/results/large_qwen2.5_1.5b.md
+    python benchmarks/large_model.py --data-dir ../shared/data --model /path/to/Qwen2.5-Coder-1.5B \
+        --label Qwen2.5-Coder-1.5B --num-samples 16 --eval-tokens 2048 --patterns 2:4 \
+        --methods sparsegpt,wanda,gblm-obs-g4,gblm-obs-block-g4 --output benchmarks/results/large_qwen2.5_1.5b.md
 
 Texts and method labels are reconstruction.py's (calibration from three Austen novels, (val) texts choose, (test)
 texts claim). Rows are saved to the JSON beside the report as they finish; a rerun with the same settings skips

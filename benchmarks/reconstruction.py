@@ -84,6 +84,17 @@ METHODS = {
         "method_options": {**JOINT, "mu": 0.5, "gradient_form": "scale", "refit_steps": 10, "gradient_loss": "block"},
     },
     "gblm-auto-block": {"method": "gblm", "alpha": "auto", "method_options": {"gradient_loss": "block"}},
+    # the default recipe and its block-local form with the gradients taken on the first 4 calibration sequences only
+    # (gradient_samples: the gradient stage's cost falls in proportion; the layer pass still sees every sequence)
+    "gblm-obs-g4": {
+        "method": "gblm_obs", "alpha": "auto",
+        "method_options": {**JOINT, "mu": 0.5, "gradient_form": "scale", "refit_steps": 10, "gradient_samples": 4},
+    },
+    "gblm-obs-block-g4": {
+        "method": "gblm_obs", "alpha": "auto",
+        "method_options": {**JOINT, "mu": 0.5, "gradient_form": "scale", "refit_steps": 10, "gradient_loss": "block",
+                           "gradient_samples": 4},
+    },
 }
 TEXTS = {
     **{f"{label} (val)": spec for label, spec in common.VALIDATION_FILES.items()},
