@@ -31,7 +31,7 @@ import torch
 from common import TEST_FILES, VALIDATION_FILES, mean_std
 
 from optimum_gblm import GBLMConfig, GBLMPruner, get_calibration_data
-from optimum_gblm.config import parse_alpha, parse_pattern
+from optimum_gblm.config import parse_alpha
 from optimum_gblm.gradients import cached_gradient_norms
 from optimum_gblm.structure import prunable_modules
 
@@ -250,8 +250,7 @@ def main() -> None:
             if args.gradients_only:
                 continue
             for pattern in args.patterns.split(","):
-                nm = parse_pattern(pattern).nm
-                sparsity = args.sparsity if nm is None else nm[0] / nm[1]
+                sparsity = common.pattern_sparsity(pattern, args.sparsity)
                 for norm in norms:
                     for alpha in alphas:
                         key = row_key(num_samples, seed, pattern, norm, alpha)

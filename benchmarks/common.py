@@ -23,6 +23,7 @@ import psutil
 import torch
 
 from optimum_gblm import load_model, perplexity
+from optimum_gblm.config import parse_pattern
 from optimum_gblm.data import read_text, tokenize
 from optimum_gblm.files import write_atomically
 from optimum_gblm.sparse_state import restore_dense
@@ -73,6 +74,12 @@ def comma_list(text: str, kind: Callable[[str], Any] = str) -> list:
 
 def machine() -> str:
     return platform.processor() or platform.machine()
+
+
+def pattern_sparsity(pattern: str, unstructured: float) -> float:
+    """The sparsity a pattern asks for: N/M for an N:M pattern, `unstructured` for the unstructured one."""
+    nm = parse_pattern(pattern).nm
+    return unstructured if nm is None else nm[0] / nm[1]
 
 
 # -- model setup ----------------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ import psutil
 import torch
 
 from optimum_gblm import GBLMConfig, GBLMPruner, get_calibration_data
-from optimum_gblm.config import parse_pattern
 from optimum_gblm.gradients import cached_gradient_norms
 from optimum_gblm.structure import prunable_modules
 
@@ -141,10 +140,9 @@ def main() -> None:
     def config_for(label: str, pattern: str, seed: int) -> GBLMConfig | ValueError:
         """The run's config, or the error for a combination the config refuses (e.g. OWL with N:M): such
         combinations are skipped and never computed for."""
-        nm = parse_pattern(pattern).nm
         try:
             return GBLMConfig.from_dict(
-                {**METHODS[label]}, pattern=pattern, sparsity=args.sparsity if nm is None else nm[0] / nm[1],
+                {**METHODS[label]}, pattern=pattern, sparsity=common.pattern_sparsity(pattern, args.sparsity),
                 num_samples=args.num_samples, seqlen=args.seqlen, seed=seed,
             )
         except ValueError as error:

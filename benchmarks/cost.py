@@ -42,14 +42,12 @@ def worker(model_path: str | None, gguf_file: str | None, label: str, pattern: s
     import torch
 
     from optimum_gblm import GBLMConfig, GBLMPruner, load_model
-    from optimum_gblm.config import parse_pattern
 
     model, _ = load_model(model_path, gguf_file=gguf_file)
     loaded_rss = psutil.Process().memory_info().rss
     ids = torch.randint(0, model.config.vocab_size, (num_samples, seqlen), generator=torch.Generator().manual_seed(0))
-    nm = parse_pattern(pattern).nm
     config = GBLMConfig.from_dict(
-        dict(METHODS[label]), pattern=pattern, sparsity=0.5 if nm is None else nm[0] / nm[1], num_samples=num_samples,
+        dict(METHODS[label]), pattern=pattern, sparsity=common.pattern_sparsity(pattern, 0.5), num_samples=num_samples,
         seqlen=seqlen,
     )
     tick = time.perf_counter()

@@ -33,7 +33,6 @@ SETTINGS = ("model", "num_samples", "seqlen", "eval_seqlen", "eval_tokens", "spa
 
 def worker(args: argparse.Namespace, label: str, pattern: str, seed: int) -> dict:
     from optimum_gblm import GBLMConfig, GBLMPruner, get_calibration_data, load_model
-    from optimum_gblm.config import parse_pattern
     from optimum_gblm.data import window_start_token
 
     model, tokenizer = load_model(args.model, dtype=args.dtype)
@@ -42,9 +41,8 @@ def worker(args: argparse.Namespace, label: str, pattern: str, seed: int) -> dic
     if label != "dense":
         texts = common.read_texts(args.data_dir, common.SWEEP_CALIBRATION_FILES)
         calibration = get_calibration_data(texts, tokenizer, args.num_samples, args.seqlen, seed)
-        nm = parse_pattern(pattern).nm
         config = GBLMConfig.from_dict(
-            dict(reconstruction.METHODS[label]), pattern=pattern, sparsity=args.sparsity if nm is None else nm[0] / nm[1],
+            dict(reconstruction.METHODS[label]), pattern=pattern, sparsity=common.pattern_sparsity(pattern, args.sparsity),
             num_samples=args.num_samples, seqlen=args.seqlen, seed=seed,
         )
         with PeakRSS() as rss:

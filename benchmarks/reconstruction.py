@@ -24,7 +24,6 @@ import compare
 from common import label_axes, saved_figure
 
 from optimum_gblm import GBLMConfig, GBLMPruner, get_calibration_data
-from optimum_gblm.config import parse_pattern
 from optimum_gblm.data import window_start_token
 from optimum_gblm.gradients import cached_gradient_norms
 from optimum_gblm.registry import get_method
@@ -263,12 +262,11 @@ def main() -> None:
             calibration = get_calibration_data(calibration_text, tokenizer, args.num_samples, args.seqlen, seed)
             gradient_s = "-"
             for pattern in common.comma_list(args.patterns):
-                nm = parse_pattern(pattern).nm
                 for label in common.comma_list(args.methods):
                     if (label, pattern, seed) in done:
                         continue
                     config = GBLMConfig.from_dict(
-                        {**METHODS[label]}, pattern=pattern, sparsity=args.sparsity if nm is None else nm[0] / nm[1],
+                        {**METHODS[label]}, pattern=pattern, sparsity=common.pattern_sparsity(pattern, args.sparsity),
                         num_samples=args.num_samples, seqlen=args.seqlen, seed=seed,
                     )
                     restore()
