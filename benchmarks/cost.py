@@ -34,6 +34,7 @@ METHODS = {
     "sparsegpt": {"method": "sparsegpt"},
     "gblm-obs": {"method": "gblm_obs"},  # gblm_obs's default: the model loss's gradients, one full backward
     "gblm-obs-block": {"method": "gblm_obs", "method_options": {"gradient_loss": "block"}},
+    "gblm-obs-by-block": {"method": "gblm_obs", "method_options": {"gradient_loss": "model_by_block"}},
     "gblm-auto-block": {"method": "gblm", "method_options": {"alpha": "auto", "gradient_loss": "block"}},
 }
 

@@ -94,6 +94,13 @@ METHODS = {
         "method_options": {**JOINT, "mu": 0.5, "gradient_form": "scale", "refit_steps": 10, "gradient_loss": "block",
                            "gradient_samples": 4},
     },
+    # the model loss's gradients taken one block at a time (gradient_loss="model_by_block"): gblm-obs-g4's norms up to
+    # rounding, with one block's memory
+    "gblm-obs-by-block-g4": {
+        "method": "gblm_obs", "alpha": "auto",
+        "method_options": {**JOINT, "mu": 0.5, "gradient_form": "scale", "refit_steps": 10,
+                           "gradient_loss": "model_by_block", "gradient_samples": 4},
+    },
 }
 TEXTS = {
     **{f"{label} (val)": spec for label, spec in common.VALIDATION_FILES.items()},

@@ -5,6 +5,12 @@
 `block_gradient_norms` is the block-local form (gradient_loss="block"): g_n is the gradient of one decoder block's
 output norm ||f(X_n)||_2, back-propagated through that block only, during its turn in the layer pass.
 
+`loss_gradients_at_blocks` and `blockwise_gradient_norms` are the same causal-LM loss's gradients taken one block at a
+time (gradient_loss="model_by_block"): one forward keeps each block's dense inputs, the backward goes block by block
+(recomputing each block's forward) and keeps only the loss's gradient at each block's output, and each block's weight
+gradients are the backward of that one block from its output gradient, in the block's turn. By the chain rule they
+are the full-model gradients; no accumulator for the whole model's weights and no whole-model autograd graph exist.
+
 Each parameter's gradient is folded into its fp32 accumulator the moment autograd produces it (a post-accumulate
 hook), then freed, so a second full copy of the gradients never exists. Results are cached on disk as safetensors,
 keyed by model identity, calibration tokens and settings.
@@ -27,11 +33,13 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from accelerate.utils import send_to_device
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -295,6 +303,136 @@ def block_gradient_norms(
                 with torch.no_grad():
                     inputs.output(block, index)
     return rescaled_to_all_sequences(sums.finish(world=1), norm, used, total)
+
+
+@dataclass
+class BlockLossGradients:
+    """For the gradient sequences (the first n calibration sequences), per decoder block: its dense inputs and the
+    causal-LM loss's gradient with respect to its output, each (n, T, hidden) in the hidden states' dtype, and the
+    other arguments the model called it with."""
+
+    inputs: dict[nn.Module, torch.Tensor]
+    output_gradients: dict[nn.Module, torch.Tensor]
+    args: dict[nn.Module, tuple]
+    kwargs: dict[nn.Module, dict[str, Any]]
+
+    @property
+    def num_sequences(self) -> int:
+        return next(iter(self.inputs.values())).shape[0]
+
+
+def _detached(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detached(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    return value
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@contextlib.contextmanager
+def _no_weight_gradients(model: nn.Module) -> Iterator[None]:
+    """No parameter requires grad inside (graphs then reach the hidden states only); flags restored on exit."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+
+
+def loss_gradients_at_blocks(
+    model: nn.Module, blocks: Sequence[nn.Module], input_ids: torch.Tensor, show_progress: bool = True
+) -> BlockLossGradients:
+    """Each block's dense inputs and dL_n / d(block output) for every sequence n of `input_ids`, L_n the causal-LM
+    loss (labels = input ids), the model in eval mode and its weights unchanged.
+
+    Per sequence: one forward of the whole model, hooks keeping each block's inputs (no graph: no weight requires
+    grad) and cutting the graph at the last block's output, so the loss's gradient there comes from the head alone;
+    then, from the last block down, each block's forward is recomputed on its kept input and back-propagated to
+    that input (no weight gradients). Memory: one block's activations, plus 2 hidden states per block and sequence.
+    """
+    blocks = list(blocks)
+    index_of = {id(block): i for i, block in enumerate(blocks)}
+    device = next(model.parameters()).device
+    inputs: list[list[torch.Tensor]] = [[] for _ in blocks]
+    gradients: list[list[torch.Tensor]] = [[] for _ in blocks]
+    extras: list[tuple[tuple, dict[str, Any]] | None] = [None] * len(blocks)
+    cut: list[torch.Tensor] = []
+
+    def keep_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        i = index_of[id(module)]
+        inputs[i].append(args[0].detach())
+        if extras[i] is None:
+            extra_kwargs = _detached(kwargs)
+            if "use_cache" in extra_kwargs:
+                extra_kwargs["use_cache"] = False  # a recomputed block must never grow a KV cache
+            extras[i] = (_detached(tuple(args[1:])), extra_kwargs)
+
+    def cut_output(module: nn.Module, args: tuple, output: Any) -> Any:
+        leaf = _hidden(output).detach().requires_grad_(True)
+        cut.append(leaf)
+        return (leaf, *output[1:]) if isinstance(output, (tuple, list)) else leaf
+
+    was_training = model.training
+    model.eval()
+    try:
+        with _no_weight_gradients(model), torch.enable_grad():
+            for n in tqdm(range(input_ids.shape[0]), desc="Loss gradients at block outputs", disable=not show_progress):
+                sequence = input_ids[n : n + 1].to(device)
+                # the hooks see the model's own forward only, not the recomputed blocks below
+                handles = [block.register_forward_pre_hook(keep_input, with_kwargs=True) for block in blocks]
+                handles.append(blocks[-1].register_forward_hook(cut_output))
+                try:
+                    loss = model(input_ids=sequence, labels=sequence, use_cache=False).loss
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                (output_gradient,) = torch.autograd.grad(loss, cut.pop())
+                for i in range(len(blocks) - 1, -1, -1):
+                    gradients[i].append(output_gradient.detach())
+                    if i == 0:
+                        break
+                    block_input = inputs[i][n].requires_grad_(True)
+                    args, kwargs = extras[i]
+                    (output_gradient,) = torch.autograd.grad(
+                        _hidden(blocks[i](block_input, *args, **kwargs)), block_input, grad_outputs=output_gradient
+                    )
+                    inputs[i][n] = block_input.detach()
+    finally:
+        model.train(was_training)
+    return BlockLossGradients(
+        inputs={block: torch.cat(inputs[i]) for i, block in enumerate(blocks)},
+        output_gradients={block: torch.cat(gradients[i]) for i, block in enumerate(blocks)},
+        args={block: extras[i][0] for i, block in enumerate(blocks)},
+        kwargs={block: extras[i][1] for i, block in enumerate(blocks)},
+    )
+
+
+def blockwise_gradient_norms(
+    block: nn.Module, modules: dict[str, nn.Module], recorded: BlockLossGradients, norm: str = "l1"
+) -> dict[str, torch.Tensor]:
+    """The causal-LM loss's gradient norms of the weights of `modules` (layers inside `block`), from the block's
+    recorded dense inputs and output gradients (`loss_gradients_at_blocks`): per sequence, the block's forward
+    back-propagated from dL_n / d(output), folded as the full-model stage folds them. Runs where the block's weights
+    are (its execution device); the model's requires_grad flags are left as they were."""
+    check_norm(norm)
+    device = next(iter(modules.values())).weight.device
+    inputs, gradients = recorded.inputs[block], recorded.output_gradients[block]
+    args, kwargs = send_to_device(recorded.args[block], device), send_to_device(recorded.kwargs[block], device)
+    sums = _NormSums(modules, norm, 1.0)
+    with sums.hooked(block), torch.enable_grad():
+        for n in range(inputs.shape[0]):
+            output = _hidden(block(inputs[n : n + 1].to(device), *args, **kwargs))
+            output.backward(gradients[n : n + 1].to(device))
+    return sums.finish(world=1)
 
 
 def rescaled_to_all_sequences(norms: dict[str, torch.Tensor], norm: str, used: int, total: int) -> dict[str, torch.Tensor]:

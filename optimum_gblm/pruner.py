@@ -24,14 +24,17 @@ from .checkpoint import check_output_dir, save_pretrained_atomically
 from .config import GBLMConfig, PruningRuntime
 from .data import CalibrationSource, get_calibration_data, source_description
 from .gradients import (
+    BlockLossGradients,
     cached_gradient_norms,
     check_gradient_norms,
     check_not_fsdp1,
     is_dtensor,
     load_gradient_norms,
+    loss_gradients_at_blocks,
     rescaled_to_all_sequences,
 )
 from .layer_masks import prune_layers
+from .methods.base import LAYER_PASS_GRADIENTS
 from .modeling import base_model_info, load_model, strip_gguf_quantization
 from .placement import check_compute_device, check_offload_writable, compute_on, is_offloaded
 from .quantizer import GBLMHfQuantizer, attach_masks
@@ -152,8 +155,10 @@ class GBLMPruner(OptimumQuantizer):
         strip_gguf_quantization(model)  # GGUF's quantizer state would clash with ours
         detach_masks(model)  # a fresh prune replaces any earlier one
         norms, gradient_seconds = self._gradients(model, plan, run)
+        block_loss_gradients, block_loss_seconds = self._block_loss_gradients(model, run)
+        gradient_seconds += block_loss_seconds
         tick = time.perf_counter()
-        method = get_method(run.config.method)(run.config, norms)
+        method = get_method(run.config.method)(run.config, norms, block_loss_gradients)
         with compute_on(plan.compute_device):  # the profile's measuring pass, if any, moves blocks there too
             profile = get_profile(run.config.sparsity_profile)(run.config)
             show = self.runtime.show_progress
@@ -174,12 +179,12 @@ class GBLMPruner(OptimumQuantizer):
         """Everything that can be checked before touching the model: bad input must leave it as it was."""
         config = self.config
         gradient_loss = get_method(config.method).gradient_loss(config)
-        needs_gradients = gradient_loss == "model"  # "block": measured in the layer pass, block by block
-        if gradient_loss == "block" and gradient_norms is not None:
+        needs_gradients = gradient_loss == "model"  # the others are measured in the layer pass, block by block
+        if gradient_loss in LAYER_PASS_GRADIENTS and gradient_norms is not None:
             raise ValueError(
-                "gradient_norms are the model loss's gradients, but this recipe measures block-local ones in the "
-                "layer pass (gradient_loss='block'): drop gradient_norms, or set method_options={'gradient_loss': "
-                "'model'} (--gradient-loss model) to use them."
+                f"gradient_norms are the model loss's gradients, but this recipe measures its own in the layer pass "
+                f"(gradient_loss={gradient_loss!r}): drop gradient_norms, or set method_options={{'gradient_loss': "
+                f"'model'}} (--gradient-loss model) to use them."
             )
         if gradient_norms is not None and config.method_options.get("gradient_samples") is not None:
             raise ValueError(
@@ -249,6 +254,18 @@ class GBLMPruner(OptimumQuantizer):
             show_progress=self.runtime.show_progress,
         )
         return rescaled_to_all_sequences(norms, norm, used, total), time.perf_counter() - tick
+
+    def _block_loss_gradients(self, model: nn.Module, run: PruneRun) -> tuple[BlockLossGradients | None, float]:
+        """gradient_loss="model_by_block": the loss's gradient at every block's output (and the blocks' dense
+        inputs) on the gradient sequences, before the layer pass changes any weight; the seconds spent."""
+        method = get_method(run.config.method)
+        if method.gradient_loss(run.config) != "model_by_block":
+            return None, 0.0
+        tick = time.perf_counter()
+        used = method.gradient_samples(run.config, run.input_ids.shape[0])
+        _, blocks = find_decoder_blocks(model)
+        recorded = loss_gradients_at_blocks(model, blocks, run.input_ids[:used], self.runtime.show_progress)
+        return recorded, time.perf_counter() - tick
 
     def _record(
         self, model: nn.Module, plan: PrunePlan, run: PruneRun, method: Any, masks: Any, timings: dict[str, float]
@@ -364,9 +381,9 @@ def check_gradients_computable(modules: dict[str, nn.Module]) -> None:
     if offloaded:
         raise ValueError(
             f"the gradient stage cannot run on a model whose decoder weights are offloaded by accelerate "
-            f"({len(offloaded)} layers, first: {offloaded[0]}): their gradients would be lost. Take block-local "
-            f"gradients instead, method_options={{'gradient_loss': 'block'}} (--gradient-loss block: each block's "
-            f"gradients on the block onloaded for its turn), or pass precomputed "
+            f"({len(offloaded)} layers, first: {offloaded[0]}): their gradients would be lost. Take the same "
+            f"gradients one block at a time instead, method_options={{'gradient_loss': 'model_by_block'}} "
+            f"(--gradient-loss model_by_block: each block's on the block onloaded for its turn), or pass precomputed "
             f"norms, GBLMPruner(config).prune(model, calibration, gradient_norms=...) (a dict, or a safetensors file "
             f"as optimum_gblm.gradients.save_gradient_norms writes, computed on the model loaded without offload), or "
             f"load the model without CPU/disk offload."

@@ -13,7 +13,7 @@ from ..masks import select_mask
 from ..registry import register_method
 from ..scores import SCORES, ScoreSpec
 from ..structure import as_matrix, weight_matrix
-from .base import GradientScoreOptions, PruningMethod, ScoreOptions
+from .base import LAYER_PASS_GRADIENTS, GradientScoreOptions, PruningMethod, ScoreOptions
 
 
 class ScoreMethod(PruningMethod):
@@ -24,10 +24,11 @@ class ScoreMethod(PruningMethod):
     @classmethod
     def check_config(cls, config: GBLMConfig) -> None:
         options = config.method_options
-        if options.get("gradient_loss") == "block" and not cls.needs_activations:
+        if options.get("gradient_loss") in LAYER_PASS_GRADIENTS and not cls.needs_activations:
             raise ValueError(
-                f"method {cls.name!r} visits no calibration activations, so it has no block inputs to take block-local "
-                f"gradients from: use gradient_loss='model' (--gradient-loss model) or a method such as gblm."
+                f"method {cls.name!r} visits no calibration activations, so it has no layer pass to take "
+                f"gradient_loss={options['gradient_loss']!r} gradients in: use gradient_loss='model' (--gradient-loss "
+                f"model) or a method such as gblm."
             )
         if config.nm is not None:
             if options["use_variant"]:
