@@ -36,6 +36,13 @@ def worker(args: argparse.Namespace, label: str, pattern: str, seed: int) -> dic
     from optimum_gblm.data import window_start_token
 
     model, tokenizer = load_model(args.model, dtype=args.dtype)
+    # safetensors are mapped, not read: weights a method never touches (SparseGPT never reads lm_head, a full
+    # backward does) would stay out of RSS and make its peak look smaller. Every row starts with the model resident.
+    import torch
+
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.sum()
     loaded_rss = psutil.Process().memory_info().rss
     row = {"parameters": sum(p.numel() for p in model.parameters()), "dtype": str(next(model.parameters()).dtype)[6:]}
     if label != "dense":
@@ -64,7 +71,7 @@ def report(args: argparse.Namespace, rows: list[dict]) -> list[str]:
         f"{', '.join(common.SWEEP_CALIBRATION_FILES)}; evaluation {args.eval_tokens} tokens per text, windows of "
         f"{args.eval_seqlen}",
         f"- machine: {common.machine()}, {os.cpu_count()} cores; one row at a time, each in a fresh process, gradient "
-        "cache off; peak: RSS during the prune, the loaded model included",
+        "cache off; peak: RSS during the prune, the whole loaded model included (paged in first)",
         "",
         "| method | pattern | seed | " + " | ".join(f"ppl {t}" for t in texts)
         + " | gradients s | prune s | total s | x SparseGPT time | peak RSS GiB | x SparseGPT peak |",
@@ -102,7 +109,8 @@ def main() -> None:
         print(json.dumps(worker(args, label, pattern, int(seed))))
         return
     results_path = Path(args.output).with_suffix(".json")
-    settings = {name: getattr(args, name) for name in SETTINGS}
+    # "weights": rows measured before the model was paged in first (a mapped lm_head outside RSS) are not comparable
+    settings = {**{name: getattr(args, name) for name in SETTINGS}, "weights": "resident"}
     rows: list[dict] = common.load_resumable(results_path, settings, empty={"rows": []})["rows"]
     todo = [("dense", "-", "-")] + [
         (label, pattern, seed) for seed in common.comma_list(args.seeds, int) for pattern in common.comma_list(args.patterns)

@@ -307,18 +307,23 @@ def block_gradient_norms(
 
 @dataclass
 class BlockLossGradients:
-    """For the gradient sequences (the first n calibration sequences), per decoder block: its dense inputs and the
-    causal-LM loss's gradient with respect to its output, each (n, T, hidden) in the hidden states' dtype, and the
-    other arguments the model called it with."""
+    """For the gradient sequences (the first n calibration sequences), per decoder block: the causal-LM loss's
+    gradient with respect to its output, (n, T, hidden) in the hidden states' dtype, and the other arguments the model
+    called it with; but dense inputs for the first block and the next block to visit only: `blockwise_gradient_norms`
+    takes the blocks in order and keeps each block's dense outputs (its forward computes them anyway) as the next
+    block's inputs, so the record never holds every block's inputs. A pass that starts again at the first block (OWL
+    measures, then prunes) starts the stream again."""
 
+    blocks: list[nn.Module]
     inputs: dict[nn.Module, torch.Tensor]
     output_gradients: dict[nn.Module, torch.Tensor]
     args: dict[nn.Module, tuple]
     kwargs: dict[nn.Module, dict[str, Any]]
+    num_sequences: int
 
-    @property
-    def num_sequences(self) -> int:
-        return next(iter(self.inputs.values())).shape[0]
+    def next_block(self, block: nn.Module) -> nn.Module | None:
+        position = next(i for i, b in enumerate(self.blocks) if b is block)
+        return self.blocks[position + 1] if position + 1 < len(self.blocks) else None
 
 
 def _detached(value: Any) -> Any:
@@ -357,7 +362,8 @@ def loss_gradients_at_blocks(
     Per sequence: one forward of the whole model, hooks keeping each block's inputs (no graph: no weight requires
     grad) and cutting the graph at the last block's output, so the loss's gradient there comes from the head alone;
     then, from the last block down, each block's forward is recomputed on its kept input and back-propagated to
-    that input (no weight gradients). Memory: one block's activations, plus 2 hidden states per block and sequence.
+    that input (no weight gradients). Memory: one block's activations, one hidden state per block and sequence
+    (the gradient), and the first block's inputs (each sequence's other inputs are dropped once its backward is done).
     """
     blocks = list(blocks)
     index_of = {id(block): i for i, block in enumerate(blocks)}
@@ -405,14 +411,22 @@ def loss_gradients_at_blocks(
                     (output_gradient,) = torch.autograd.grad(
                         _hidden(blocks[i](block_input, *args, **kwargs)), block_input, grad_outputs=output_gradient
                     )
-                    inputs[i][n] = block_input.detach()
+                    inputs[i][n] = None  # later blocks' dense inputs are recomputed in their turn
     finally:
         model.train(was_training)
+    first_inputs = torch.cat(inputs[0])
+    inputs.clear()
+    output_gradients = {}
+    for i, block in enumerate(blocks):
+        output_gradients[block] = torch.cat(gradients[i])
+        gradients[i] = []  # one block's list alive beside its concatenation, not all of them
     return BlockLossGradients(
-        inputs={block: torch.cat(inputs[i]) for i, block in enumerate(blocks)},
-        output_gradients={block: torch.cat(gradients[i]) for i, block in enumerate(blocks)},
+        blocks=blocks,
+        inputs={blocks[0]: first_inputs},
+        output_gradients=output_gradients,
         args={block: extras[i][0] for i, block in enumerate(blocks)},
         kwargs={block: extras[i][1] for i, block in enumerate(blocks)},
+        num_sequences=input_ids.shape[0],
     )
 
 
@@ -422,16 +436,32 @@ def blockwise_gradient_norms(
     """The causal-LM loss's gradient norms of the weights of `modules` (layers inside `block`), from the block's
     recorded dense inputs and output gradients (`loss_gradients_at_blocks`): per sequence, the block's forward
     back-propagated from dL_n / d(output), folded as the full-model stage folds them. Runs where the block's weights
-    are (its execution device); the model's requires_grad flags are left as they were."""
+    are (its execution device); the model's requires_grad flags are left as they were.
+
+    Blocks must come in the model's order (a pass may start again at the first), before any of their weights change:
+    the block's dense outputs replace its inputs as the next block's."""
     check_norm(norm)
+    if block not in recorded.inputs:
+        raise RuntimeError(
+            "blockwise_gradient_norms takes the blocks in the model's order, each once, on their dense weights: this "
+            "block's dense inputs are not recorded (a block skipped, repeated or out of order)."
+        )
     device = next(iter(modules.values())).weight.device
-    inputs, gradients = recorded.inputs[block], recorded.output_gradients[block]
+    first = block is recorded.blocks[0]
+    inputs = recorded.inputs[block] if first else recorded.inputs.pop(block)
+    gradients = recorded.output_gradients[block]
+    following = recorded.next_block(block)
+    outputs = torch.empty_like(inputs) if following is not None else None
     args, kwargs = send_to_device(recorded.args[block], device), send_to_device(recorded.kwargs[block], device)
     sums = _NormSums(modules, norm, 1.0)
     with sums.hooked(block), torch.enable_grad():
         for n in range(inputs.shape[0]):
             output = _hidden(block(inputs[n : n + 1].to(device), *args, **kwargs))
+            if outputs is not None:
+                outputs[n : n + 1] = output.detach().to(outputs.device)
             output.backward(gradients[n : n + 1].to(device))
+    if outputs is not None:
+        recorded.inputs[following] = outputs
     return sums.finish(world=1)
 
 

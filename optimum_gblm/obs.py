@@ -51,16 +51,21 @@ def _damping_fix(method: str) -> str:
     return f"a larger damping ({option_flag(method, 'damping')} 0.1, or method_options={{'damping': 0.1}})"
 
 
-def regularised_hessian(hessian: Tensor, mu: float = 0.0, eps: float = 0.01) -> tuple[Tensor, Tensor]:
+def regularised_hessian(
+    hessian: Tensor, mu: float = 0.0, eps: float = 0.01, overwrite: bool = False
+) -> tuple[Tensor, Tensor]:
     """(H_mu, dead): dead inputs (H_jj = 0; `dead` is bool (..., d_in)) get H_jj = 1, then
     H_mu = H + mu Diag(H) + eps mean(diag H) I.
 
     Accepts a batch (..., d_in, d_in); mean(diag H) is per matrix and taken after the dead inputs are set to 1
-    (as SparseGPT does). mu must be finite: mu = inf means no update, which needs no Hessian.
+    (as SparseGPT does). mu must be finite: mu = inf means no update, which needs no Hessian. overwrite=True
+    regularises a contiguous fp32 `hessian` in place (the caller's scratch copy) instead of a clone.
     """
     if not math.isfinite(mu) or mu < 0:
         raise ValueError(f"mu must be finite and >= 0 (mu = inf means no update: obs_prune(update=False)); got {mu}")
-    H = hessian.detach().float().clone(memory_format=torch.contiguous_format)
+    H = hessian.detach()
+    if not (overwrite and H.dtype == torch.float32 and H.is_contiguous()):
+        H = H.float().clone(memory_format=torch.contiguous_format)
     diagonal = torch.diagonal(H, dim1=-2, dim2=-1)
     dead = diagonal == 0
     diagonal[dead] = 1
@@ -82,6 +87,7 @@ def inverse_hessian_factor(hessian: Tensor, name: str = "layer", method: str = "
     try:
         lower = torch.linalg.cholesky(hessian)
         inverse = torch.cholesky_inverse(lower)
+        del lower  # d_in x d_in each: three alive at once, not four
         return torch.linalg.cholesky(inverse, upper=True)
     except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
         raise FloatingPointError(
@@ -170,6 +176,7 @@ def obs_prune(
     saliency_scale: Tensor | None = None,
     refit_steps: int = 0,
     method: str = "sparsegpt",
+    overwrite_hessian: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """(updated weight fp32 (d_out, d_in), keep-mask): prune and compensate with the OBS sweep on H_mu.
 
@@ -180,7 +187,8 @@ def obs_prune(
     weight * keep_mask (dead columns untouched: the score method's weights); with update=False and no keep_mask the
     mask is chosen by the saliency of the un-updated weights. refit_steps > 0 then fits the kept weights on the mask
     under H_mu (`refit_kept_weights`, CG started from the sweep's); 0 leaves the sweep's (SparseGPT's) weights.
-    `method` names the method whose damping option the errors' fix names.
+    `method` names the method whose damping option the errors' fix names. overwrite_hessian=True lets H_mu be formed
+    in `hessian` itself (a scratch copy the caller no longer needs), saving one d_in x d_in matrix.
     """
     W = weight.detach().float().clone(memory_format=torch.contiguous_format)
     if keep_mask is not None:
@@ -199,11 +207,12 @@ def obs_prune(
         saliency_bonus = saliency_bonus.to(device=W.device, dtype=torch.float32)
     if saliency_scale is not None:
         saliency_scale = saliency_scale.to(device=W.device, dtype=torch.float32)
-    H, dead = regularised_hessian(hessian, mu, damping)
+    H, dead = regularised_hessian(hessian, mu, damping, overwrite=overwrite_hessian)
     W[:, dead] = 0
     target = W.clone() if update and refit_steps else None
     U = inverse_hessian_factor(H, name, method)
     pruned = _sweep(W, U, blocksize, keep_mask, sparsity, nm, saliency_bonus, update, saliency_scale)
+    del U  # the refit needs H only
     if target is not None:
         W = refit_kept_weights(target, W, ~pruned, H, refit_steps)
     if not torch.isfinite(W).all():

@@ -205,3 +205,17 @@ def test_the_gradient_factor_is_one_plus_alpha_g_over_sqrt_a_squared(calibration
         expected = (1 + 2.0 * norms[name].float() / sq_mean.sqrt()) ** 2
         expected = torch.where(sq_mean > 0, expected, torch.ones_like(expected))
         torch.testing.assert_close(scale, expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("folds", [1, 3])
+def test_fold_hessians_give_h_and_the_activation_means_of_all_sequences(folds):
+    from optimum_gblm.methods.gblm_obs import FoldHessians
+
+    inputs = torch.randn(5, 7, 4, generator=torch.Generator().manual_seed(0))
+    stats = FoldHessians(4, folds, torch.device("cpu"))
+    stats.add_batch(inputs[:2])
+    stats.add_batch(inputs[2:])
+    rows = inputs.reshape(-1, 4)
+    torch.testing.assert_close(stats.hessian, 2 / 5 * rows.t() @ rows)
+    torch.testing.assert_close(stats.sq_mean, (rows**2).sum(0) / 5)
+    assert stats.hessian.data_ptr() != stats.sums.data_ptr(), "a copy: obs_prune may overwrite it"

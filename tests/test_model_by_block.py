@@ -55,9 +55,32 @@ def test_the_recorded_gradients_are_hidden_state_sized(calibration_ids):
     _, blocks = find_decoder_blocks(model)
     recorded = loss_gradients_at_blocks(model, blocks, calibration_ids[:3], show_progress=False)
     assert recorded.num_sequences == 3
+    assert list(recorded.inputs) == [blocks[0]]  # later blocks' inputs come from the previous block's turn
+    assert recorded.inputs[blocks[0]].shape == (3, 16, 32)
     for block in blocks:
-        assert recorded.inputs[block].shape == recorded.output_gradients[block].shape == (3, 16, 32)
+        assert recorded.output_gradients[block].shape == (3, 16, 32)
         assert recorded.output_gradients[block].abs().sum() > 0
+
+
+def test_the_blocks_pass_the_dense_stream_on_and_drop_what_they_used(calibration_ids):
+    model = tiny_model("llama")
+    _, blocks = find_decoder_blocks(model)
+    dense_inputs = []
+    handle = blocks[1].register_forward_pre_hook(lambda module, args: dense_inputs.append(args[0].detach().clone()))
+    with torch.no_grad():
+        for n in range(3):
+            model(input_ids=calibration_ids[n : n + 1], use_cache=False)
+    handle.remove()
+    recorded = loss_gradients_at_blocks(model, blocks, calibration_ids[:3], show_progress=False)
+    layers = layers_by_block(model)
+    blockwise_gradient_norms(blocks[0], layers[0], recorded, "l1")
+    assert list(recorded.inputs) == [blocks[0], blocks[1]]  # the first block's stay, for a pass that starts again
+    # the dense model's own inputs to block 1 (one computation order: rounding-level differences only)
+    torch.testing.assert_close(recorded.inputs[blocks[1]], torch.cat(dense_inputs), rtol=1e-5, atol=1e-6)
+    blockwise_gradient_norms(blocks[1], layers[1], recorded, "l1")
+    assert list(recorded.inputs) == [blocks[0]]  # the last block passes nothing on
+    with pytest.raises(RuntimeError, match="model's order"):
+        blockwise_gradient_norms(blocks[1], layers[1], recorded, "l1")
 
 
 def test_the_prune_uses_the_full_model_norms_without_a_full_backward(calibration_ids, monkeypatch, tmp_path):

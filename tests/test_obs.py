@@ -452,3 +452,16 @@ def test_cross_validation_with_refit_scores_the_refitted_update():
         for mu in (0.0, 1.0):
             updated, _ = obs_prune(W, train, 0.5, mu=mu, keep_mask=keep, blocksize=8, refit_steps=16)
             assert errors[mu][k].item() == pytest.approx(output_error(W, updated, folds[k]), rel=1e-3)
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_overwriting_a_scratch_hessian_gives_the_same_bits_and_only_then_changes_it(nm):
+    H = hessian_of(correlated_inputs(256, 16, seed=6))
+    W = torch.randn(6, 16, generator=torch.Generator().manual_seed(7))
+    kept_copy = H.clone()
+    expected = obs_prune(W, H, 0.5, nm, blocksize=8, mu=0.5, refit_steps=4)
+    assert torch.equal(H, kept_copy), "the caller's Hessian is left alone by default"
+    scratch = H.clone()
+    updated, keep = obs_prune(W, scratch, 0.5, nm, blocksize=8, mu=0.5, refit_steps=4, overwrite_hessian=True)
+    assert torch.equal(updated, expected[0]) and torch.equal(keep, expected[1])
+    torch.testing.assert_close(scratch, regularised_hessian(H, 0.5)[0], rtol=0, atol=0)  # H_mu formed in place

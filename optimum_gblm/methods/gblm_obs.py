@@ -136,11 +136,14 @@ class FoldHessians:
 
     @property
     def hessian(self) -> torch.Tensor:
-        return self.fold_hessians().sum(0)
+        """H, a new tensor the caller owns (at d_in = 8960 each d_in x d_in copy is 321 MB: one fold makes one)."""
+        scale = 2 / max(self.num_sequences, 1)
+        return self.sums[0] * scale if self.sums.shape[0] == 1 else self.fold_hessians().sum(0)
 
     @property
     def sq_mean(self) -> torch.Tensor:
-        return torch.diagonal(self.sums.sum(0)) / max(self.num_sequences, 1)
+        # the fold sums' diagonals only: no d_in x d_in copy
+        return torch.diagonal(self.sums, dim1=-2, dim2=-1).sum(0) / max(self.num_sequences, 1)
 
 
 @register_method("gblm_obs")
@@ -212,7 +215,8 @@ class GBLMOBS(PruningMethod):
                 refit_steps=options.refit_steps,
             )
             self.layer_settings.setdefault("mu", {})[name] = mu
-        hessian = stats.hessian
+        hessian = stats.hessian  # our own copy: the last obs_prune may regularise it in place
+        last_use = options.update_mu is None
         # with update_mu the kept weights are fitted again below: no refit of the first update
         first_refit_steps = 0 if options.update_mu is not None else options.refit_steps
         if options.selection == "joint":
@@ -230,16 +234,17 @@ class GBLMOBS(PruningMethod):
             updated, mask = obs_prune(
                 weight, hessian, sparsity, self.config.nm, options.blocksize, options.damping, mu, saliency_bonus=bonus,
                 name=name, saliency_scale=scale, refit_steps=first_refit_steps, method=self.name,
+                overwrite_hessian=last_use,
             )
         else:
             updated, mask = obs_prune(
                 weight, hessian, sparsity, self.config.nm, options.blocksize, options.damping, mu, keep_mask=score_mask,
-                name=name, refit_steps=first_refit_steps, method=self.name,
+                name=name, refit_steps=first_refit_steps, method=self.name, overwrite_hessian=last_use,
             )
         if options.update_mu is not None:
             updated, mask = obs_prune(
                 weight, hessian, sparsity, self.config.nm, options.blocksize, options.damping, options.update_mu,
-                keep_mask=mask, name=name, refit_steps=options.refit_steps, method=self.name,
+                keep_mask=mask, name=name, refit_steps=options.refit_steps, method=self.name, overwrite_hessian=True,
             )
         weight.copy_(updated.to(weight.dtype))
         return mask
