@@ -240,6 +240,14 @@ class PeakRSS:
         self.peak = max(self.peak, self.process.memory_info().rss)
 
 
+@torch.no_grad()
+def read_every_weight(model: torch.nn.Module) -> None:
+    """Read every parameter once. safetensors are mapped, not read: weights a method never touches (SparseGPT never
+    reads lm_head, a model-loss gradient does) stay out of RSS and would make its peak look smaller."""
+    for parameter in model.parameters():
+        parameter.sum()
+
+
 def gib(n_bytes: float | None) -> str:
     return "-" if n_bytes is None else f"{n_bytes / 2**30:.2f}"
 

@@ -36,13 +36,7 @@ def worker(args: argparse.Namespace, label: str, pattern: str, seed: int) -> dic
     from optimum_gblm.data import window_start_token
 
     model, tokenizer = load_model(args.model, dtype=args.dtype)
-    # safetensors are mapped, not read: weights a method never touches (SparseGPT never reads lm_head, a full
-    # backward does) would stay out of RSS and make its peak look smaller. Every row starts with the model resident.
-    import torch
-
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.sum()
+    common.read_every_weight(model)  # every row starts with the whole model resident
     loaded_rss = psutil.Process().memory_info().rss
     row = {"parameters": sum(p.numel() for p in model.parameters()), "dtype": str(next(model.parameters()).dtype)[6:]}
     if label != "dense":

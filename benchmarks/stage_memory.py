@@ -4,7 +4,7 @@ method's memory goes (the gradient record, the blocks' weight gradients, the OBS
     python benchmarks/stage_memory.py --model /path/to/Qwen2.5-Coder-1.5B --method sparsegpt --blocks 2
     python benchmarks/stage_memory.py --model /path/to/Qwen2.5-Coder-1.5B --method gblm-obs-by-block-g4 --blocks 2
 
-The model keeps only its first `--blocks` blocks (embedding and head whole) and every weight is read first, so each
+The model (Llama/Qwen layout: `model.model.layers`) keeps only its first `--blocks` blocks (embedding and head whole) and every weight is read first, so each
 number is what the prune adds to a resident model. Calibration: random token ids (memory does not depend on the
 text), 2:4. One process per method, on an otherwise idle machine. Prints one line of GiB per stage.
 """
@@ -17,6 +17,7 @@ import json
 import threading
 import time
 
+import common
 import psutil
 import reconstruction
 import torch
@@ -71,9 +72,7 @@ def main() -> None:
     model, _ = load_model(args.model, dtype="float32")
     model.model.layers = model.model.layers[: args.blocks]
     model.config.num_hidden_layers = args.blocks
-    with torch.no_grad():
-        for parameter in model.parameters():  # mapped safetensors: read them, so RSS holds the whole model
-            parameter.sum()
+    common.read_every_weight(model)
     loaded = process.memory_info().rss
     stage[0] = "rest of the prune"
     ids = torch.randint(0, model.config.vocab_size, (args.num_samples, args.seqlen), generator=torch.Generator().manual_seed(0))

@@ -443,8 +443,8 @@ def blockwise_gradient_norms(
     check_norm(norm)
     if block not in recorded.inputs:
         raise RuntimeError(
-            "blockwise_gradient_norms takes the blocks in the model's order, each once, on their dense weights: this "
-            "block's dense inputs are not recorded (a block skipped, repeated or out of order)."
+            "blockwise_gradient_norms takes the blocks in the model's order (a pass may start again at the first), on "
+            "their dense weights: this block's dense inputs are not recorded (a block skipped, repeated or out of order)."
         )
     device = next(iter(modules.values())).weight.device
     first = block is recorded.blocks[0]

@@ -137,8 +137,9 @@ class FoldHessians:
     @property
     def hessian(self) -> torch.Tensor:
         """H, a new tensor the caller owns (at d_in = 8960 each d_in x d_in copy is 321 MB: one fold makes one)."""
-        scale = 2 / max(self.num_sequences, 1)
-        return self.sums[0] * scale if self.sums.shape[0] == 1 else self.fold_hessians().sum(0)
+        if self.sums.shape[0] == 1:
+            return self.sums[0] * (2 / max(self.num_sequences, 1))
+        return self.fold_hessians().sum(0)
 
     @property
     def sq_mean(self) -> torch.Tensor:
@@ -216,9 +217,9 @@ class GBLMOBS(PruningMethod):
             )
             self.layer_settings.setdefault("mu", {})[name] = mu
         hessian = stats.hessian  # our own copy: the last obs_prune may regularise it in place
-        last_use = options.update_mu is None
-        # with update_mu the kept weights are fitted again below: no refit of the first update
-        first_refit_steps = 0 if options.update_mu is not None else options.refit_steps
+        # with update_mu the kept weights are fitted again below: no refit of the first update, and H is used twice
+        refit_again = options.update_mu is not None
+        first_refit_steps = 0 if refit_again else options.refit_steps
         if options.selection == "joint":
             gradient = self._scaled_gradients(name, module, stats)
             bonus = scale = None
@@ -234,14 +235,14 @@ class GBLMOBS(PruningMethod):
             updated, mask = obs_prune(
                 weight, hessian, sparsity, self.config.nm, options.blocksize, options.damping, mu, saliency_bonus=bonus,
                 name=name, saliency_scale=scale, refit_steps=first_refit_steps, method=self.name,
-                overwrite_hessian=last_use,
+                overwrite_hessian=not refit_again,
             )
         else:
             updated, mask = obs_prune(
                 weight, hessian, sparsity, self.config.nm, options.blocksize, options.damping, mu, keep_mask=score_mask,
-                name=name, refit_steps=first_refit_steps, method=self.name, overwrite_hessian=last_use,
+                name=name, refit_steps=first_refit_steps, method=self.name, overwrite_hessian=not refit_again,
             )
-        if options.update_mu is not None:
+        if refit_again:
             updated, mask = obs_prune(
                 weight, hessian, sparsity, self.config.nm, options.blocksize, options.damping, options.update_mu,
                 keep_mask=mask, name=name, refit_steps=options.refit_steps, method=self.name, overwrite_hessian=True,
