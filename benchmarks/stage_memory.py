@@ -1,5 +1,5 @@
 """Peak RSS of each stage of one prune, beyond the loaded weights, on the first few blocks of a large model: where a
-method's memory goes (the gradient record, the blocks' weight gradients, the OBS sweep, the rest of a layer's turn).
+method's memory goes (the gradient norms by block, the OBS sweep, the rest of a layer's turn).
 
     python benchmarks/stage_memory.py --model /path/to/Qwen2.5-Coder-1.5B --method sparsegpt --blocks 2
     python benchmarks/stage_memory.py --model /path/to/Qwen2.5-Coder-1.5B --method gblm-obs-by-block-g4 --blocks 2
@@ -22,7 +22,6 @@ import psutil
 import reconstruction
 import torch
 
-import optimum_gblm.methods.base as methods_base
 import optimum_gblm.methods.gblm_obs as gblm_obs
 import optimum_gblm.methods.sparsegpt as sparsegpt
 import optimum_gblm.pruner as pruner
@@ -30,8 +29,7 @@ from optimum_gblm import GBLMConfig, GBLMPruner, load_model
 
 # (module, function, stage): the innermost stage running is the one a sample is charged to
 STAGES = [
-    (pruner, "loss_gradients_at_blocks", "gradient record"),
-    (methods_base, "blockwise_gradient_norms", "block weight gradients"),
+    (pruner, "loss_gradient_norms_by_block", "gradient norms by block"),
     (gblm_obs, "obs_prune", "OBS sweep and refit"),
     (sparsegpt, "sparsegpt_prune", "OBS sweep and refit"),
     (gblm_obs.GBLMOBS, "prune_layer", "rest of prune_layer"),

@@ -9,8 +9,6 @@ onloaded for the turn only, or on a compute device the block is moved to and bac
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -34,9 +32,8 @@ class LayerVisitor(Protocol):
         """A fresh statistics accumulator with an `add_batch(inputs)` method."""
 
     def measure_block_gradients(self, block: nn.Module, layers: dict[str, nn.Module], inputs: BlockInputs) -> None:
-        """The block's gradients of `layers` (see `gradients.block_gradient_norms`, `gradients.blockwise_gradient_norms`),
-        before any of them is visited; it runs every sequence of `inputs` through the block once (its forwards feed
-        the layers' statistics; forwards on other inputs go inside `inputs.not_counted()`)."""
+        """The block's gradients of `layers` (see `gradients.block_gradient_norms`), before any of them is visited; it
+        runs every sequence of `inputs` through the block once (its forwards feed the layers' statistics)."""
 
     def visit_layer(self, name: str, module: nn.Module, stats: Any) -> None:
         """Measure or prune `module` (its full model name is `name`); in-place weight changes are written back."""
@@ -121,17 +118,6 @@ class BlockInputs:
     hidden: torch.Tensor
     args: tuple
     kwargs: dict[str, Any]
-    feeds_statistics: bool = True  # whether the block's forwards now feed its layers' statistics (see `not_counted`)
-
-    @contextlib.contextmanager
-    def not_counted(self) -> Iterator[None]:
-        """Forwards of the block inside do not feed the layers' statistics (a visitor's own forwards on other
-        inputs, such as the dense inputs the model loss's gradients are taken on)."""
-        self.feeds_statistics = False
-        try:
-            yield
-        finally:
-            self.feeds_statistics = True
 
     def to(self, device: torch.device) -> BlockInputs:
         """The inputs moved to `device` (where the block computes its turn)."""
@@ -205,8 +191,7 @@ def _visit_block(
         # Under a backward pass a layer's inputs carry the autograd graph: statistics take them detached.
         def collect(statistics: Any) -> Any:
             def hook(module: nn.Module, args: tuple) -> None:
-                if inputs.feeds_statistics:
-                    statistics.add_batch(args[0].detach())
+                statistics.add_batch(args[0].detach())
 
             return hook
 

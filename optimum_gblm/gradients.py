@@ -5,11 +5,11 @@
 `block_gradient_norms` is the block-local form (gradient_loss="block"): g_n is the gradient of one decoder block's
 output norm ||f(X_n)||_2, back-propagated through that block only, during its turn in the layer pass.
 
-`loss_gradients_at_blocks` and `blockwise_gradient_norms` are the same causal-LM loss's gradients taken one block at a
-time (gradient_loss="model_by_block"): one forward keeps each block's dense inputs, the backward goes block by block
-(recomputing each block's forward) and keeps only the loss's gradient at each block's output, and each block's weight
-gradients are the backward of that one block from its output gradient, in the block's turn. By the chain rule they
-are the full-model gradients; no accumulator for the whole model's weights and no whole-model autograd graph exist.
+`loss_gradient_norms_by_block` is the same causal-LM loss's gradients taken one block at a time
+(gradient_loss="model_by_block"): one forward keeps each block's dense inputs, then the backward goes block by block
+from the last, recomputing each block's forward, folding its weight gradients and passing the gradient at its input
+down; each block's finished norms go to disk. By the chain rule they are the full-model gradients; no accumulator
+for the whole model's weights and no whole-model autograd graph exist.
 
 Each parameter's gradient is folded into its fp32 accumulator the moment autograd produces it (a post-accumulate
 hook), then freed, so a second full copy of the gradients never exists. Results are cached on disk as safetensors,
@@ -33,19 +33,20 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from accelerate.utils import send_to_device
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from .files import OwnerLock, write_atomically
+from .placement import Onloaded, execution_device
+from .structure import find_decoder_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -305,25 +306,39 @@ def block_gradient_norms(
     return rescaled_to_all_sequences(sums.finish(world=1), norm, used, total)
 
 
-@dataclass
-class BlockLossGradients:
-    """For the gradient sequences (the first n calibration sequences), per decoder block: the causal-LM loss's
-    gradient with respect to its output, (n, T, hidden) in the hidden states' dtype, and the other arguments the model
-    called it with; but dense inputs for the first block and the next block to visit only: `blockwise_gradient_norms`
-    takes the blocks in order and keeps each block's dense outputs (its forward computes them anyway) as the next
-    block's inputs, so the record never holds every block's inputs. A pass that starts again at the first block (OWL
-    measures, then prunes) starts the stream again."""
+class GradientNormsOnDisk(Mapping[str, torch.Tensor]):
+    """Gradient norms kept in a folder, one safetensors file per decoder block, each layer's read when it is asked
+    for: the whole model's fp32 norms (the model's size in fp32) never sit in memory at once. Values are multiplied by
+    `factor` as they are read (`rescale_factor`: gradient_samples' rescaling). The folder belongs to the caller."""
 
-    blocks: list[nn.Module]
-    inputs: dict[nn.Module, torch.Tensor]
-    output_gradients: dict[nn.Module, torch.Tensor]
-    args: dict[nn.Module, tuple]
-    kwargs: dict[nn.Module, dict[str, Any]]
-    num_sequences: int
+    def __init__(self, folder: str | os.PathLike, factor: float = 1.0):
+        self.folder, self.factor = Path(folder), factor
+        self._file_of: dict[str, Path] = {}
 
-    def next_block(self, block: nn.Module) -> nn.Module | None:
-        position = next(i for i, b in enumerate(self.blocks) if b is block)
-        return self.blocks[position + 1] if position + 1 < len(self.blocks) else None
+    def add(self, norms: dict[str, torch.Tensor]) -> None:
+        """Write one block's norms to their own file."""
+        path = self.folder / f"block-{len(set(self._file_of.values())):05d}.safetensors"
+        try:
+            save_file({name: value.detach().cpu().contiguous() for name, value in norms.items()}, str(path))
+        except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
+            path.unlink(missing_ok=True)
+            reason = describe_os_error(error) if isinstance(error, OSError) else str(error)
+            raise OSError(
+                f"could not write gradient norms to {self.folder}: {reason}; free some space or point cache_dir "
+                f"(--cache-dir) to a disk with room for them."
+            ) from error
+        self._file_of.update(dict.fromkeys(norms, path))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        with safe_open(str(self._file_of[name]), framework="pt") as f:
+            value = f.get_tensor(name)
+        return value if self.factor == 1.0 else value.mul_(self.factor)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._file_of)
+
+    def __len__(self) -> int:
+        return len(self._file_of)
 
 
 def _detached(value: Any) -> Any:
@@ -353,24 +368,17 @@ def _no_weight_gradients(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def loss_gradients_at_blocks(
-    model: nn.Module, blocks: Sequence[nn.Module], input_ids: torch.Tensor, show_progress: bool = True
-) -> BlockLossGradients:
-    """Each block's dense inputs and dL_n / d(block output) for every sequence n of `input_ids`, L_n the causal-LM
-    loss (labels = input ids), the model in eval mode and its weights unchanged.
-
-    Per sequence: one forward of the whole model, hooks keeping each block's inputs (no graph: no weight requires
-    grad) and cutting the graph at the last block's output, so the loss's gradient there comes from the head alone;
-    then, from the last block down, each block's forward is recomputed on its kept input and back-propagated to
-    that input (no weight gradients). Memory: one block's activations, one hidden state per block and sequence
-    (the gradient), and the first block's inputs (each sequence's other inputs are dropped once its backward is done).
-    """
-    blocks = list(blocks)
+def _dense_block_inputs(
+    model: nn.Module, blocks: list[nn.Module], input_ids: torch.Tensor, show_progress: bool
+) -> tuple[list[list[torch.Tensor]], list[tuple[tuple, dict[str, Any]]], list[torch.Tensor]]:
+    """Per sequence, one forward of the whole model (no weight requires grad): every block's input, the other
+    arguments each block is called with, and dL_n / d(last block's output), which comes from the head alone because
+    the graph is cut at that output."""
     index_of = {id(block): i for i, block in enumerate(blocks)}
     device = next(model.parameters()).device
     inputs: list[list[torch.Tensor]] = [[] for _ in blocks]
-    gradients: list[list[torch.Tensor]] = [[] for _ in blocks]
     extras: list[tuple[tuple, dict[str, Any]] | None] = [None] * len(blocks)
+    last_gradients: list[torch.Tensor] = []
     cut: list[torch.Tensor] = []
 
     def keep_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -387,92 +395,82 @@ def loss_gradients_at_blocks(
         cut.append(leaf)
         return (leaf, *output[1:]) if isinstance(output, (tuple, list)) else leaf
 
+    with _no_weight_gradients(model), torch.enable_grad():
+        for n in tqdm(range(input_ids.shape[0]), desc="Dense block inputs", disable=not show_progress):
+            sequence = input_ids[n : n + 1].to(device)
+            handles = [block.register_forward_pre_hook(keep_input, with_kwargs=True) for block in blocks]
+            handles.append(blocks[-1].register_forward_hook(cut_output))
+            try:
+                loss = model(input_ids=sequence, labels=sequence, use_cache=False).loss
+            finally:
+                for handle in handles:
+                    handle.remove()
+            (gradient,) = torch.autograd.grad(loss, cut.pop())
+            last_gradients.append(gradient.detach())
+    return inputs, extras, last_gradients
+
+
+def loss_gradient_norms_by_block(
+    model: nn.Module,
+    modules_by_block: Sequence[dict[str, nn.Module]],
+    input_ids: torch.Tensor,
+    folder: str | os.PathLike,
+    norm: str = "l1",
+    show_progress: bool = True,
+) -> GradientNormsOnDisk:
+    """The causal-LM loss's gradient norms (labels = input ids) of the weights of `modules_by_block` (the layers of
+    each decoder block, in the model's order), taken one block at a time (gradient_loss="model_by_block"), written to
+    `folder` one file per block. By the chain rule they are the full-model stage's norms, up to rounding.
+
+    One forward per sequence keeps every block's dense input (`_dense_block_inputs`); then, from the last block down,
+    each block is recomputed on its inputs and back-propagated from the loss's gradient at its output, its weight
+    gradients folded per sequence as the full-model stage folds them, the gradient at its input passed down to the
+    block before. An offloaded block is onloaded once for its turn. Memory: one block's weights, accumulators and
+    activations, plus one hidden state per block and sequence; compute: the model's backward plus one more forward.
+    The model is left in its mode, with its weights and requires_grad flags as they were.
+    """
+    check_norm(norm)
+    _, blocks = find_decoder_blocks(model)
+    if len(modules_by_block) != len(blocks):
+        raise ValueError(f"modules_by_block has {len(modules_by_block)} entries for the model's {len(blocks)} blocks.")
+    store = GradientNormsOnDisk(folder)
     was_training = model.training
     model.eval()
     try:
-        with _no_weight_gradients(model), torch.enable_grad():
-            for n in tqdm(range(input_ids.shape[0]), desc="Loss gradients at block outputs", disable=not show_progress):
-                sequence = input_ids[n : n + 1].to(device)
-                # the hooks see the model's own forward only, not the recomputed blocks below
-                handles = [block.register_forward_pre_hook(keep_input, with_kwargs=True) for block in blocks]
-                handles.append(blocks[-1].register_forward_hook(cut_output))
-                try:
-                    loss = model(input_ids=sequence, labels=sequence, use_cache=False).loss
-                finally:
-                    for handle in handles:
-                        handle.remove()
-                (output_gradient,) = torch.autograd.grad(loss, cut.pop())
-                for i in range(len(blocks) - 1, -1, -1):
-                    gradients[i].append(output_gradient.detach())
-                    if i == 0:
-                        break
-                    block_input = inputs[i][n].requires_grad_(True)
-                    args, kwargs = extras[i]
-                    (output_gradient,) = torch.autograd.grad(
-                        _hidden(blocks[i](block_input, *args, **kwargs)), block_input, grad_outputs=output_gradient
-                    )
-                    inputs[i][n] = None  # later blocks' dense inputs are recomputed in their turn
+        inputs, extras, gradients = _dense_block_inputs(model, blocks, input_ids, show_progress)
+        turns = tqdm(range(len(blocks) - 1, -1, -1), desc="Gradient norms by block", disable=not show_progress)
+        for i in turns:
+            block = blocks[i]
+            with Onloaded(block):
+                device = execution_device(block)
+                args, kwargs = send_to_device(extras[i][0], device), send_to_device(extras[i][1], device)
+                sums = _NormSums(modules_by_block[i], norm, 1.0)  # after onloading: the weights autograd will see
+                with sums.hooked(block), torch.enable_grad():
+                    for n, block_input in enumerate(inputs[i]):
+                        x = block_input.to(device).requires_grad_(i > 0)
+                        _hidden(block(x, *args, **kwargs)).backward(gradients[n].to(device))
+                        if i > 0:
+                            gradients[n] = x.grad.detach().to(gradients[n].device)
+                        inputs[i][n] = None  # done with
+                store.add(sums.finish(world=1))
     finally:
         model.train(was_training)
-    first_inputs = torch.cat(inputs[0])
-    inputs.clear()
-    output_gradients = {}
-    for i, block in enumerate(blocks):
-        output_gradients[block] = torch.cat(gradients[i])
-        gradients[i] = []  # one block's list alive beside its concatenation, not all of them
-    return BlockLossGradients(
-        blocks=blocks,
-        inputs={blocks[0]: first_inputs},
-        output_gradients=output_gradients,
-        args={block: extras[i][0] for i, block in enumerate(blocks)},
-        kwargs={block: extras[i][1] for i, block in enumerate(blocks)},
-        num_sequences=input_ids.shape[0],
-    )
+    return store
 
 
-def blockwise_gradient_norms(
-    block: nn.Module, modules: dict[str, nn.Module], recorded: BlockLossGradients, norm: str = "l1"
-) -> dict[str, torch.Tensor]:
-    """The causal-LM loss's gradient norms of the weights of `modules` (layers inside `block`), from the block's
-    recorded dense inputs and output gradients (`loss_gradients_at_blocks`): per sequence, the block's forward
-    back-propagated from dL_n / d(output), folded as the full-model stage folds them. Runs where the block's weights
-    are (its execution device); the model's requires_grad flags are left as they were.
-
-    Blocks must come in the model's order (a pass may start again at the first), before any of their weights change:
-    the block's dense outputs replace its inputs as the next block's."""
-    check_norm(norm)
-    if block not in recorded.inputs:
-        raise RuntimeError(
-            "blockwise_gradient_norms takes the blocks in the model's order (a pass may start again at the first), on "
-            "their dense weights: this block's dense inputs are not recorded (a block skipped, repeated or out of order)."
-        )
-    device = next(iter(modules.values())).weight.device
-    first = block is recorded.blocks[0]
-    inputs = recorded.inputs[block] if first else recorded.inputs.pop(block)
-    gradients = recorded.output_gradients[block]
-    following = recorded.next_block(block)
-    outputs = torch.empty_like(inputs) if following is not None else None
-    args, kwargs = send_to_device(recorded.args[block], device), send_to_device(recorded.kwargs[block], device)
-    sums = _NormSums(modules, norm, 1.0)
-    with sums.hooked(block), torch.enable_grad():
-        for n in range(inputs.shape[0]):
-            output = _hidden(block(inputs[n : n + 1].to(device), *args, **kwargs))
-            if outputs is not None:
-                outputs[n : n + 1] = output.detach().to(outputs.device)
-            output.backward(gradients[n : n + 1].to(device))
-    if outputs is not None:
-        recorded.inputs[following] = outputs
-    return sums.finish(world=1)
+def rescale_factor(norm: str, used: int, total: int) -> float:
+    """What norms taken on `used` of `total` calibration sequences are multiplied by (`rescaled_to_all_sequences`)."""
+    if used == total:
+        return 1.0
+    return total / used if norm == "l1" else math.sqrt(total / used)
 
 
 def rescaled_to_all_sequences(norms: dict[str, torch.Tensor], norm: str, used: int, total: int) -> dict[str, torch.Tensor]:
     """Norms taken on `used` of `total` calibration sequences, scaled to what all of them would sum to on average
     (l1, a sum: total / used; l2, the root of a sum of squares: sqrt(total / used)), so that a fixed alpha weighs
     the gradient term alike whatever gradient_samples is. Identity when every sequence was used."""
-    if used == total:
-        return norms
-    factor = total / used if norm == "l1" else math.sqrt(total / used)
-    return {name: value * factor for name, value in norms.items()}
+    factor = rescale_factor(norm, used, total)
+    return norms if factor == 1.0 else {name: value * factor for name, value in norms.items()}
 
 
 def _backward_each(

@@ -7,10 +7,14 @@ everything it can before the first weight changes, and hands the rest to the eng
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,24 +28,25 @@ from .checkpoint import check_output_dir, save_pretrained_atomically
 from .config import GBLMConfig, PruningRuntime
 from .data import CalibrationSource, get_calibration_data, source_description
 from .gradients import (
-    BlockLossGradients,
     cached_gradient_norms,
     check_gradient_norms,
     check_not_fsdp1,
+    default_cache_dir,
     is_dtensor,
     load_gradient_norms,
-    loss_gradients_at_blocks,
+    loss_gradient_norms_by_block,
+    rescale_factor,
     rescaled_to_all_sequences,
 )
 from .layer_masks import prune_layers
-from .methods.base import LAYER_PASS_GRADIENTS
+from .methods.base import MODEL_LOSS_GRADIENTS
 from .modeling import base_model_info, load_model, strip_gguf_quantization
 from .placement import check_compute_device, check_offload_writable, compute_on, is_offloaded
 from .quantizer import GBLMHfQuantizer, attach_masks
 from .record import PruningRecord
 from .registry import get_method, get_profile
 from .sparse_state import detach_masks, sparsity_report
-from .structure import find_decoder_blocks, prunable_modules, weight_matrix
+from .structure import find_decoder_blocks, layers_by_block, prunable_modules, weight_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -154,18 +159,17 @@ class GBLMPruner(OptimumQuantizer):
         run = self._calibrate(model, calibration, tokenizer, text_column)
         strip_gguf_quantization(model)  # GGUF's quantizer state would clash with ours
         detach_masks(model)  # a fresh prune replaces any earlier one
-        norms, gradient_seconds = self._gradients(model, plan, run)
-        block_loss_gradients, block_loss_seconds = self._block_loss_gradients(model, run)
-        gradient_seconds += block_loss_seconds
-        tick = time.perf_counter()
-        method = get_method(run.config.method)(run.config, norms, block_loss_gradients)
-        with compute_on(plan.compute_device):  # the profile's measuring pass, if any, moves blocks there too
-            profile = get_profile(run.config.sparsity_profile)(run.config)
-            show = self.runtime.show_progress
-            sparsities = profile.layer_sparsities(model, run.input_ids, method, plan.modules, show_progress=show)
-            masks = prune_layers(model, run.input_ids, method, sparsities, run.config.target_modules, show)
-        # Block-local gradients are measured inside the layer pass: their seconds count as the gradient stage's.
-        layer_pass = time.perf_counter() - tick
+        with self._scratch_folder(plan) as scratch:  # gradient_loss="model_by_block" keeps its norms there
+            norms, gradient_seconds = self._gradients(model, plan, run, scratch)
+            tick = time.perf_counter()
+            method = get_method(run.config.method)(run.config, norms)
+            with compute_on(plan.compute_device):  # the profile's measuring pass, if any, moves blocks there too
+                profile = get_profile(run.config.sparsity_profile)(run.config)
+                show = self.runtime.show_progress
+                sparsities = profile.layer_sparsities(model, run.input_ids, method, plan.modules, show_progress=show)
+                masks = prune_layers(model, run.input_ids, method, sparsities, run.config.target_modules, show)
+            # Block-local gradients are measured inside the layer pass: their seconds count as the gradient stage's.
+            layer_pass = time.perf_counter() - tick
         timings = {
             "gradients": gradient_seconds + method.block_gradient_seconds,
             "prune": layer_pass - method.block_gradient_seconds,
@@ -179,10 +183,10 @@ class GBLMPruner(OptimumQuantizer):
         """Everything that can be checked before touching the model: bad input must leave it as it was."""
         config = self.config
         gradient_loss = get_method(config.method).gradient_loss(config)
-        needs_gradients = gradient_loss == "model"  # the others are measured in the layer pass, block by block
-        if gradient_loss in LAYER_PASS_GRADIENTS and gradient_norms is not None:
+        needs_gradients = gradient_loss in MODEL_LOSS_GRADIENTS  # "block" ones are measured in the layer pass
+        if gradient_loss not in (None, "model") and gradient_norms is not None:
             raise ValueError(
-                f"gradient_norms are the model loss's gradients, but this recipe measures its own in the layer pass "
+                f"gradient_norms are the model loss's gradients taken beforehand, but this recipe takes its own "
                 f"(gradient_loss={gradient_loss!r}): drop gradient_norms, or set method_options={{'gradient_loss': "
                 f"'model'}} (--gradient-loss model) to use them."
             )
@@ -199,15 +203,18 @@ class GBLMPruner(OptimumQuantizer):
         compute_device = check_compute_device(model, self.runtime.compute_device)
         check_pattern_fits(modules, config)
         check_finite_weights(modules)
-        norms = None
-        if needs_gradients and gradient_norms is None:
+        norms, scratch_dir = None, None
+        if gradient_loss == "model_by_block":
+            scratch_dir = self._scratch_parent()
+            check_room_for_norms(modules, scratch_dir)
+        elif needs_gradients and gradient_norms is None:
             check_gradients_computable(modules)
         elif needs_gradients and isinstance(gradient_norms, (str, os.PathLike)):
             norms = load_gradient_norms(gradient_norms, modules)
         elif needs_gradients:
             check_gradient_norms(gradient_norms, modules)
             norms = gradient_norms
-        return PrunePlan(modules, compute_device, needs_gradients, norms)
+        return PrunePlan(modules, compute_device, needs_gradients, norms, scratch_dir)
 
     def _calibrate(self, model: nn.Module, calibration: CalibrationSource | None, tokenizer: Any, text_column: str) -> PruneRun:
         """The calibration token ids, and the effective recipe: the configured one with the calibration size actually
@@ -235,7 +242,31 @@ class GBLMPruner(OptimumQuantizer):
         effective = config.with_values(num_samples=int(input_ids.shape[0]), seqlen=int(input_ids.shape[1]))
         return PruneRun(effective, input_ids, source_description(calibration, text_column))
 
-    def _gradients(self, model: nn.Module, plan: PrunePlan, run: PruneRun) -> tuple[dict[str, torch.Tensor] | None, float]:
+    def _scratch_parent(self) -> Path:
+        """Where gradient_loss="model_by_block" writes its norms: a fresh folder inside the cache folder (never
+        /tmp, often memory-backed), created now so that a folder that cannot be made fails before the model changes."""
+        parent = Path(self.runtime.cache_dir) if self.runtime.cache_dir is not None else default_cache_dir()
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ValueError(
+                f"gradient_loss='model_by_block' writes its gradient norms under the cache folder {parent}, which cannot "
+                f"be created ({error}): set cache_dir (--cache-dir) to a writable folder."
+            ) from error
+        return parent
+
+    @contextlib.contextmanager
+    def _scratch_folder(self, plan: PrunePlan) -> Iterator[Path | None]:
+        """A folder for this prune's on-disk gradient norms, removed when the prune ends, however it ends."""
+        if plan.scratch_dir is None:
+            yield None
+            return
+        with tempfile.TemporaryDirectory(prefix="block-gradient-norms-", dir=plan.scratch_dir) as folder:
+            yield Path(folder)
+
+    def _gradients(
+        self, model: nn.Module, plan: PrunePlan, run: PruneRun, scratch: Path | None
+    ) -> tuple[Mapping[str, torch.Tensor] | None, float]:
         """Stage 1: the gradient norms the method needs (given, cached or computed) and the seconds spent."""
         if not plan.needs_gradients or plan.gradient_norms is not None:
             return plan.gradient_norms, 0.0
@@ -243,6 +274,13 @@ class GBLMPruner(OptimumQuantizer):
         method = get_method(run.config.method)
         norm, total = method.gradient_norm(run.config), run.input_ids.shape[0]
         used = method.gradient_samples(run.config, total)
+        if method.gradient_loss(run.config) == "model_by_block":
+            norms = loss_gradient_norms_by_block(
+                model, layers_by_block(model, run.config.target_modules), run.input_ids[:used], scratch, norm,
+                self.runtime.show_progress,
+            )
+            norms.factor = rescale_factor(norm, used, total)
+            return norms, time.perf_counter() - tick
         norms = cached_gradient_norms(
             model,
             run.input_ids[:used],  # the cache is keyed by these very sequences
@@ -254,18 +292,6 @@ class GBLMPruner(OptimumQuantizer):
             show_progress=self.runtime.show_progress,
         )
         return rescaled_to_all_sequences(norms, norm, used, total), time.perf_counter() - tick
-
-    def _block_loss_gradients(self, model: nn.Module, run: PruneRun) -> tuple[BlockLossGradients | None, float]:
-        """gradient_loss="model_by_block": the loss's gradient at every block's output (and the blocks' dense
-        inputs) on the gradient sequences, before the layer pass changes any weight; the seconds spent."""
-        method = get_method(run.config.method)
-        if method.gradient_loss(run.config) != "model_by_block":
-            return None, 0.0
-        tick = time.perf_counter()
-        used = method.gradient_samples(run.config, run.input_ids.shape[0])
-        _, blocks = find_decoder_blocks(model)
-        recorded = loss_gradients_at_blocks(model, blocks, run.input_ids[:used], self.runtime.show_progress)
-        return recorded, time.perf_counter() - tick
 
     def _record(
         self, model: nn.Module, plan: PrunePlan, run: PruneRun, method: Any, masks: Any, timings: dict[str, float]
@@ -304,6 +330,7 @@ class PrunePlan:
     compute_device: torch.device | None
     needs_gradients: bool  # the model-loss gradient stage runs before the layer pass (not for gradient_loss="block")
     gradient_norms: dict[str, torch.Tensor] | None  # precomputed and checked; None: the gradient stage computes them
+    scratch_dir: Path | None = None  # gradient_loss="model_by_block": where its folder of norms goes
 
 
 @dataclass
@@ -383,10 +410,22 @@ def check_gradients_computable(modules: dict[str, nn.Module]) -> None:
             f"the gradient stage cannot run on a model whose decoder weights are offloaded by accelerate "
             f"({len(offloaded)} layers, first: {offloaded[0]}): their gradients would be lost. Take the same "
             f"gradients one block at a time instead, method_options={{'gradient_loss': 'model_by_block'}} "
-            f"(--gradient-loss model_by_block: each block's on the block onloaded for its turn), or pass precomputed "
+            f"(--gradient-loss model_by_block: each block is onloaded for its turn), or pass precomputed "
             f"norms, GBLMPruner(config).prune(model, calibration, gradient_norms=...) (a dict, or a safetensors file "
             f"as optimum_gblm.gradients.save_gradient_norms writes, computed on the model loaded without offload), or "
             f"load the model without CPU/disk offload."
+        )
+
+
+def check_room_for_norms(modules: dict[str, nn.Module], folder: Path) -> None:
+    """gradient_loss="model_by_block" writes one fp32 norm per prunable weight: refuse before the run, not when the
+    disk fills half-way through it."""
+    needed = sum(weight_matrix(module).numel() for module in modules.values()) * 4
+    free = shutil.disk_usage(folder).free
+    if free < needed * 1.05:  # safetensors headers, and a little room for everything else
+        raise ValueError(
+            f"gradient_loss='model_by_block' writes {needed / 2**30:.2f} GiB of gradient norms under {folder}, which has "
+            f"{free / 2**30:.2f} GiB free: set cache_dir (--cache-dir) to a disk with room, or free some space."
         )
 
 

@@ -1,18 +1,21 @@
-"""The model loss's gradients taken one block at a time (gradient_loss="model_by_block"): each block's weight
-gradients from the loss's gradient at its output, in the block's turn; by the chain rule the full-model gradients."""
+"""The model loss's gradients taken one block at a time (gradient_loss="model_by_block"): from the last block down, each
+block's weight gradients from the loss's gradient at its output; by the chain rule the full-model gradients."""
 
 import json
+import shutil
 
 import pytest
 import torch
 from conftest import tiny_model
+from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from optimum_gblm import GBLMConfig, GBLMPruner
 from optimum_gblm import pruner as pruner_module
-from optimum_gblm.gradients import blockwise_gradient_norms, compute_gradient_norms, loss_gradients_at_blocks
+from optimum_gblm.gradients import GradientNormsOnDisk, compute_gradient_norms, loss_gradient_norms_by_block
 from optimum_gblm.methods import base as methods_base
-from optimum_gblm.structure import find_decoder_blocks, layers_by_block, prunable_modules
+from optimum_gblm.structure import layers_by_block, prunable_modules
 
 
 def by_block_config(method="gblm_obs", pattern="2:4", **options):
@@ -27,60 +30,45 @@ def assert_norms_close(actual, expected):
         torch.testing.assert_close(actual[name], value, rtol=1e-4, atol=1e-5 * value.abs().max().item(), msg=name)
 
 
-def blockwise_norms(model, input_ids, norm="l1"):
-    _, blocks = find_decoder_blocks(model)
-    recorded = loss_gradients_at_blocks(model, blocks, input_ids, show_progress=False)
-    norms = {}
-    for block, layers in zip(blocks, layers_by_block(model)):
-        norms.update(blockwise_gradient_norms(block, layers, recorded, norm))
-    return norms
+def blockwise_norms(model, input_ids, folder, norm="l1"):
+    return loss_gradient_norms_by_block(model, layers_by_block(model), input_ids, folder, norm, show_progress=False)
 
 
 # llama: pre-norm residual blocks; gemma3: a sliding-window block and a global one (each its own mask and rotary
 # tables); gpt2 and opt: other block signatures and heads
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "opt"])
 @pytest.mark.parametrize("norm", ["l1", "l2"])
-def test_blockwise_norms_are_the_full_model_gradient_norms(family, norm, calibration_ids):
+def test_blockwise_norms_are_the_full_model_gradient_norms(family, norm, calibration_ids, tmp_path):
     model = tiny_model(family)
     expected = compute_gradient_norms(model, calibration_ids, prunable_modules(model), norm=norm, show_progress=False)
     weights = {name: p.detach().clone() for name, p in model.named_parameters()}
-    assert_norms_close(blockwise_norms(model, calibration_ids, norm), expected)
+    assert_norms_close(dict(blockwise_norms(model, calibration_ids, tmp_path, norm)), expected)
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
     assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
     assert not model.training
 
 
-def test_the_recorded_gradients_are_hidden_state_sized(calibration_ids):
+def test_the_norms_wait_on_disk_one_file_per_block(calibration_ids, tmp_path):
     model = tiny_model("llama")
-    _, blocks = find_decoder_blocks(model)
-    recorded = loss_gradients_at_blocks(model, blocks, calibration_ids[:3], show_progress=False)
-    assert recorded.num_sequences == 3
-    assert list(recorded.inputs) == [blocks[0]]  # later blocks' inputs come from the previous block's turn
-    assert recorded.inputs[blocks[0]].shape == (3, 16, 32)
-    for block in blocks:
-        assert recorded.output_gradients[block].shape == (3, 16, 32)
-        assert recorded.output_gradients[block].abs().sum() > 0
+    norms = blockwise_norms(model, calibration_ids[:3], tmp_path)
+    files = sorted(tmp_path.iterdir())
+    assert [f.name for f in files] == ["block-00000.safetensors", "block-00001.safetensors"]
+    # the last block is the first one done
+    with safe_open(str(files[0]), framework="pt") as f:
+        assert sorted(f.keys()) == sorted(layers_by_block(model)[1])
+    assert len(norms) == len(prunable_modules(model))
+    assert set(norms) == set(prunable_modules(model))
+    name = "model.layers.0.mlp.down_proj"
+    norms.factor = 2.0
+    assert torch.equal(norms[name], 2 * load_file(str(files[1]))[name])  # the factor is applied as it is read
 
 
-def test_the_blocks_pass_the_dense_stream_on_and_drop_what_they_used(calibration_ids):
+def test_a_model_in_train_mode_is_measured_in_eval_mode_and_left_in_train_mode(calibration_ids, tmp_path):
     model = tiny_model("llama")
-    _, blocks = find_decoder_blocks(model)
-    dense_inputs = []
-    handle = blocks[1].register_forward_pre_hook(lambda module, args: dense_inputs.append(args[0].detach().clone()))
-    with torch.no_grad():
-        for n in range(3):
-            model(input_ids=calibration_ids[n : n + 1], use_cache=False)
-    handle.remove()
-    recorded = loss_gradients_at_blocks(model, blocks, calibration_ids[:3], show_progress=False)
-    layers = layers_by_block(model)
-    blockwise_gradient_norms(blocks[0], layers[0], recorded, "l1")
-    assert list(recorded.inputs) == [blocks[0], blocks[1]]  # the first block's stay, for a pass that starts again
-    # the dense model's own inputs to block 1 (one computation order: rounding-level differences only)
-    torch.testing.assert_close(recorded.inputs[blocks[1]], torch.cat(dense_inputs), rtol=1e-5, atol=1e-6)
-    blockwise_gradient_norms(blocks[1], layers[1], recorded, "l1")
-    assert list(recorded.inputs) == [blocks[0]]  # the last block passes nothing on
-    with pytest.raises(RuntimeError, match="model's order"):
-        blockwise_gradient_norms(blocks[1], layers[1], recorded, "l1")
+    expected = compute_gradient_norms(model, calibration_ids[:2], prunable_modules(model), show_progress=False)
+    model.train()
+    assert_norms_close(dict(blockwise_norms(model, calibration_ids[:2], tmp_path)), expected)
+    assert model.training
 
 
 def test_the_prune_uses_the_full_model_norms_without_a_full_backward(calibration_ids, monkeypatch, tmp_path):
@@ -88,18 +76,19 @@ def test_the_prune_uses_the_full_model_norms_without_a_full_backward(calibration
     expected = compute_gradient_norms(model, calibration_ids, prunable_modules(model), show_progress=False)
     used = {}
 
-    def spy(block, layers, recorded, norm):
-        norms = blockwise_gradient_norms(block, layers, recorded, norm)
-        used.update(norms)
+    def spy(*args, **kwargs):
+        norms = loss_gradient_norms_by_block(*args, **kwargs)
+        used.update(norms)  # read now: the folder is gone once the prune ends
         return norms
 
     def no_full_backward(*args, **kwargs):
         raise AssertionError("the whole-model gradient stage ran")
 
-    monkeypatch.setattr(methods_base, "blockwise_gradient_norms", spy)
+    monkeypatch.setattr(pruner_module, "loss_gradient_norms_by_block", spy)
     monkeypatch.setattr(pruner_module, "cached_gradient_norms", no_full_backward)
-    GBLMPruner(by_block_config(), show_progress=False).prune(model, calibration_ids)
-    assert_norms_close(used, expected)  # taken on the dense weights of each block, before it was pruned
+    GBLMPruner(by_block_config(), cache_dir=tmp_path / "cache", show_progress=False).prune(model, calibration_ids)
+    assert_norms_close(used, expected)  # taken on the dense weights, before any block was pruned
+    assert list((tmp_path / "cache").iterdir()) == []  # the scratch folder went with the prune
     record = model.config.quantization_config.record
     assert record.global_sparsity == 0.5 and all(v == 0.5 for v in record.layer_sparsity.values())
     timings = record.timings_seconds
@@ -110,6 +99,39 @@ def test_the_prune_uses_the_full_model_norms_without_a_full_backward(calibration
     assert stored["method_options"]["gradient_loss"] == "model_by_block"
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert reloaded.config.quantization_config.method_options["gradient_loss"] == "model_by_block"
+
+
+def test_a_failed_prune_leaves_no_scratch_folder_and_the_model_unchanged(calibration_ids, monkeypatch, tmp_path):
+    model = tiny_model("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("out of memory in the layer pass")
+
+    monkeypatch.setattr(pruner_module, "prune_layers", fails)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        GBLMPruner(by_block_config(), cache_dir=tmp_path, show_progress=False).prune(model, calibration_ids)
+    assert list(tmp_path.iterdir()) == []
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_too_little_disk_for_the_norms_is_refused_before_anything_changes(calibration_ids, monkeypatch, tmp_path):
+    model = tiny_model("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    needed = sum(m.weight.numel() for m in prunable_modules(model).values()) * 4
+    real = shutil.disk_usage
+    monkeypatch.setattr(pruner_module.shutil, "disk_usage", lambda path: real(path)._replace(free=needed // 2))
+    with pytest.raises(ValueError, match=rf"writes 0.00 GiB of gradient norms under {tmp_path}.*--cache-dir"):
+        GBLMPruner(by_block_config(), cache_dir=tmp_path, show_progress=False).prune(model, calibration_ids)
+    assert list(tmp_path.iterdir()) == []
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_a_full_disk_while_writing_names_the_folder_and_the_fix(tmp_path):
+    norms = GradientNormsOnDisk(tmp_path / "missing")  # a folder that is not there fails as a full disk would
+    with pytest.raises(OSError, match=r"could not write gradient norms to .*missing.*--cache-dir"):
+        norms.add({"w": torch.ones(2, 2)})
+    assert len(norms) == 0
 
 
 def test_the_dense_inputs_do_not_enter_the_layer_statistics(calibration_ids):
@@ -127,34 +149,33 @@ def test_the_dense_inputs_do_not_enter_the_layer_statistics(calibration_ids):
         assert torch.equal(results[1][name], weight), name
 
 
-def test_gradient_samples_take_the_first_sequences_and_rescale(calibration_ids, monkeypatch):
+def test_gradient_samples_take_the_first_sequences_and_rescale(calibration_ids, monkeypatch, tmp_path):
     model = tiny_model("llama")
     expected = compute_gradient_norms(model, calibration_ids[:2], prunable_modules(model), show_progress=False)
     used = {}
-    real = methods_base.rescaled_to_all_sequences
+    real = methods_base.PruningMethod.__init__
 
-    def spy(norms, norm, used_sequences, total):
-        rescaled = real(norms, norm, used_sequences, total)
-        used.update(rescaled)
-        return rescaled
+    def spy(self, config, gradient_norms=None):
+        used.update(gradient_norms)  # as the method reads them
+        real(self, config, gradient_norms)
 
-    monkeypatch.setattr(methods_base, "rescaled_to_all_sequences", spy)
-    GBLMPruner(by_block_config(gradient_samples=2), show_progress=False).prune(model, calibration_ids)
+    monkeypatch.setattr(methods_base.PruningMethod, "__init__", spy)
+    GBLMPruner(by_block_config(gradient_samples=2), cache_dir=tmp_path, show_progress=False).prune(model, calibration_ids)
     assert_norms_close(used, {name: 2 * value for name, value in expected.items()})  # l1 on 2 of 4: x 4 / 2
 
 
-def test_owl_measures_and_prunes_with_the_same_recorded_gradients(calibration_ids, monkeypatch):
+def test_owl_measures_and_prunes_with_one_gradient_stage(calibration_ids, monkeypatch, tmp_path):
     calls = []
 
-    def spy(block, layers, recorded, norm):
-        calls.append(next(iter(layers)).rsplit(".", 2)[0])
-        return blockwise_gradient_norms(block, layers, recorded, norm)
+    def spy(*args, **kwargs):
+        calls.append(args[2].shape[0])
+        return loss_gradient_norms_by_block(*args, **kwargs)
 
-    monkeypatch.setattr(methods_base, "blockwise_gradient_norms", spy)
+    monkeypatch.setattr(pruner_module, "loss_gradient_norms_by_block", spy)
     model = tiny_model("llama")
     config = GBLMConfig(method="gblm", sparsity=0.5, sparsity_profile="owl", method_options={"gradient_loss": "model_by_block"})
-    GBLMPruner(config, show_progress=False).prune(model, calibration_ids)
-    assert calls == ["model.layers.0", "model.layers.1"] * 2  # the measuring pass, then the pruning pass
+    GBLMPruner(config, cache_dir=tmp_path, show_progress=False).prune(model, calibration_ids)
+    assert calls == [calibration_ids.shape[0]]  # the measuring pass and the pruning pass read the same norms
     assert len({round(v, 2) for v in model.config.quantization_config.record.layer_sparsity.values()}) > 1
 
 
@@ -167,14 +188,20 @@ def test_precomputed_norms_are_refused_before_anything_changes(calibration_ids):
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
-def test_a_method_without_activations_cannot_take_them():
-    with pytest.raises(ValueError, match=r"method 'gradient' visits no calibration activations"):
-        by_block_config("gradient", pattern="unstructured")
+def test_a_method_without_activations_takes_them_too(calibration_ids, tmp_path):
+    # the gradient stage runs before any layer pass: |W| * G alone needs no activations, and gets the same masks
+    masks = []
+    for loss in ("model", "model_by_block"):
+        model = tiny_model("llama")
+        config = GBLMConfig(method="gradient", sparsity=0.5, method_options={"gradient_loss": loss})
+        GBLMPruner(config, use_cache=False, cache_dir=tmp_path, show_progress=False).prune(model, calibration_ids)
+        masks.append(model.hf_quantizer.packed_masks)
+    assert all(torch.equal(masks[1][name], packed) for name, packed in masks[0].items())
 
 
 def test_offloaded_weights_get_the_full_model_gradients(calibration_ids, tmp_path):
-    """The recorded pass only needs input gradients, which reach it through accelerate's onloaded copies; the weight
-    gradients come in each block's turn, on the block onloaded for it: the masks of the in-memory run."""
+    """Each block is onloaded for its turn of the backward, so its weight gradients reach the accumulators: the masks
+    of the in-memory run."""
     path = tmp_path / "tiny"
     tiny_model("llama").save_pretrained(path)
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

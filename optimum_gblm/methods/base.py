@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from ..config import GBLMConfig, option_flag, parse_alpha, setting
-from ..gradients import BlockLossGradients, block_gradient_norms, blockwise_gradient_norms, rescaled_to_all_sequences
+from ..gradients import block_gradient_norms
 from ..scores import auto_alpha
 from ..stats import InputStats
 from ..structure import weight_matrix
@@ -35,8 +36,11 @@ Modules = dict[str, nn.Module]
 
 GRADIENT_NORMS = ("l1", "l2")
 GRADIENT_LOSSES = ("model", "model_by_block", "block")
+# the model loss's gradients, which the pruner's gradient stage takes before the layer pass (in one backward or one
+# block at a time)
+MODEL_LOSS_GRADIENTS = ("model", "model_by_block")
 # the gradient losses measured in the layer pass, block by block (no gradient stage before it, no gradient cache)
-LAYER_PASS_GRADIENTS = ("model_by_block", "block")
+LAYER_PASS_GRADIENTS = ("block",)
 SCOPES = ("row", "layer")
 SCORE_METHODS = "score methods (wanda, gblm, magnitude, ...)"
 GRADIENT_METHODS = "methods with a gradient term (gblm, gblm_obs, ...)"
@@ -87,10 +91,11 @@ class GradientOptions:
         "model",
         "what the gradients are of, and how they are taken: 'model', the causal-LM loss, one backward through the "
         "whole model before the layer pass (the GBLM paper's; memory of a training step, cached on disk); "
-        "'model_by_block', the same loss's gradients (equal up to rounding) taken one block at a time: the loss's "
-        "gradient at each block's output is kept and each block's weight gradients come from it in the block's turn "
-        "(memory of one block plus two hidden states per block and gradient sequence; about twice the backward's "
-        "compute); 'block', each decoder block's output norm, back-propagated through that block only in its turn "
+        "'model_by_block', the same loss's gradients (equal up to rounding) taken one block at a time before the layer "
+        "pass: one forward keeps every block's inputs, then each block from the last down is recomputed and "
+        "back-propagated from the loss's gradient at its output, its norms written to a scratch folder in the cache "
+        "folder (memory of one block plus one hidden state per block and gradient sequence, for offloaded models too; "
+        "the backward's compute plus one forward; not cached); 'block', each decoder block's output norm, back-propagated through that block only in its turn "
         "(Wanda++'s regional gradients; memory of one block)",
         choices=GRADIENT_LOSSES, shared_by=GRADIENT_METHODS, absent="model",  # recipes before it took the model loss's
     )
@@ -158,15 +163,10 @@ class PruningMethod:
     needs_gradients: ClassVar[bool] = False
     Options: ClassVar[type | None] = None
 
-    def __init__(
-        self, config: GBLMConfig, gradient_norms: dict[str, torch.Tensor] | None = None,
-        block_loss_gradients: BlockLossGradients | None = None,
-    ):
+    def __init__(self, config: GBLMConfig, gradient_norms: Mapping[str, torch.Tensor] | None = None):
         self.config = config
         self.options = config.method_settings()
         self.gradient_norms = gradient_norms
-        # gradient_loss="model_by_block": what each block's turn takes its weight gradients from
-        self.block_loss_gradients = block_loss_gradients
         self.block_gradient_seconds = 0.0
         # Values chosen per layer, by setting name ({"alpha": {layer: value}}): saved in the record.
         self.layer_settings: dict[str, dict[str, float]] = {}
@@ -211,21 +211,12 @@ class PruningMethod:
         return self.gradient_loss(self.config) in LAYER_PASS_GRADIENTS
 
     def measure_block_gradients(self, block: nn.Module, layers: Modules, inputs: Any) -> None:
-        """gradient_loss "block" or "model_by_block": this block's gradient norms, which replace the previous
-        block's (memory stays one block's); the seconds are added to `block_gradient_seconds`."""
+        """gradient_loss="block": this block's gradient norms, which replace the previous block's (memory stays one
+        block's); the seconds are added to `block_gradient_seconds`."""
         tick = time.perf_counter()
         total, norm = inputs.hidden.shape[0], self.gradient_norm(self.config)
-        if self.gradient_loss(self.config) == "block":
-            self.gradient_norms = block_gradient_norms(block, layers, inputs, norm, self.gradient_samples(self.config, total))
-            self.block_gradient_seconds += time.perf_counter() - tick
-            return
-        if self.block_loss_gradients is None:
-            raise RuntimeError("gradient_loss='model_by_block' needs the pruner's loss_gradients_at_blocks first.")
-        with inputs.not_counted():  # the dense inputs must stay out of the statistics of the layer pass's own
-            norms = blockwise_gradient_norms(block, layers, self.block_loss_gradients, norm)
-        self.gradient_norms = rescaled_to_all_sequences(norms, norm, self.block_loss_gradients.num_sequences, total)
+        self.gradient_norms = block_gradient_norms(block, layers, inputs, norm, self.gradient_samples(self.config, total))
         self.block_gradient_seconds += time.perf_counter() - tick
-        inputs.run(block)  # the statistics pass: every sequence, as the pruned blocks before this one give them
 
     def weighted_gradient(self, name: str, gradient: torch.Tensor, input_sq_mean: torch.Tensor | None) -> torch.Tensor:
         """alpha * G for one layer; alpha="auto" is resolved from this layer's statistics (`scores.auto_alpha`) and
