@@ -95,8 +95,8 @@ class GradientOptions:
         "pass: one forward keeps every block's inputs, then each block from the last down is recomputed and "
         "back-propagated from the loss's gradient at its output, its norms written to a scratch folder in the cache "
         "folder (memory of one block plus one hidden state per block and gradient sequence, for offloaded models too; "
-        "the backward's compute plus one forward; not cached); 'block', each decoder block's output norm, back-propagated through that block only in its turn "
-        "(Wanda++'s regional gradients; memory of one block)",
+        "the backward's compute plus one forward; not cached); 'block', each decoder block's output norm, "
+        "back-propagated through that block only in its turn (Wanda++'s regional gradients; memory of one block)",
         choices=GRADIENT_LOSSES, shared_by=GRADIENT_METHODS, absent="model",  # recipes before it took the model loss's
     )
     gradient_samples: int | None = setting(
