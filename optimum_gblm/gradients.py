@@ -226,21 +226,18 @@ class _NormSums:
     def hooked(self, model: nn.Module) -> Iterator[None]:
         """Only the prunable weights need gradients (nothing else gets a .grad buffer), each folded by a hook; every
         parameter's requires_grad is restored on exit."""
-        requires_grad = {p: p.requires_grad for p in model.parameters()}
         handles = []
         try:
-            for p in model.parameters():
-                p.requires_grad_(False)
-            for name, weight in self.weights.items():
-                weight.requires_grad_(True)
-                weight.grad = None
-                handles.append(weight.register_post_accumulate_grad_hook(self._fold_into(self.sums[name])))
-            yield
+            with _no_weight_gradients(model):
+                for name, weight in self.weights.items():
+                    weight.requires_grad_(True)
+                    weight.grad = None
+                    handles.append(weight.register_post_accumulate_grad_hook(self._fold_into(self.sums[name])))
+                yield
         finally:
             for handle in handles:
                 handle.remove()
-            for p, flag in requires_grad.items():
-                p.requires_grad_(flag)
+            for p in model.parameters():
                 p.grad = None
 
     def finish(self, world: int) -> dict[str, torch.Tensor]:
@@ -357,15 +354,16 @@ def _hidden(output: Any) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _no_weight_gradients(model: nn.Module) -> Iterator[None]:
-    """No parameter requires grad inside (graphs then reach the hidden states only); flags restored on exit."""
-    flags = {p: p.requires_grad for p in model.parameters()}
+    """No parameter requires grad inside (graphs then reach the hidden states only); flags restored on exit, by name:
+    accelerate replaces an offloaded weight's Parameter at every onload, so the objects at exit may be new ones."""
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
         for p in model.parameters():
             p.requires_grad_(False)
         yield
     finally:
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
 
 
 def _dense_block_inputs(
