@@ -157,9 +157,10 @@ class GBLMPruner(OptimumQuantizer):
         start = time.perf_counter()
         plan = self._check(model, gradient_norms)
         run = self._calibrate(model, calibration, tokenizer, text_column)
-        strip_gguf_quantization(model)  # GGUF's quantizer state would clash with ours
-        detach_masks(model)  # a fresh prune replaces any earlier one
-        with self._scratch_folder(plan) as scratch:  # gradient_loss="model_by_block" keeps its norms there
+        # gradient_loss="model_by_block" keeps its norms in the scratch folder, made before the model first changes
+        with self._scratch_folder(plan) as scratch:
+            strip_gguf_quantization(model)  # GGUF's quantizer state would clash with ours
+            detach_masks(model)  # a fresh prune replaces any earlier one
             norms, gradient_seconds = self._gradients(model, plan, run, scratch)
             tick = time.perf_counter()
             method = get_method(run.config.method)(run.config, norms)
@@ -261,8 +262,15 @@ class GBLMPruner(OptimumQuantizer):
         if plan.scratch_dir is None:
             yield None
             return
-        with tempfile.TemporaryDirectory(prefix="block-gradient-norms-", dir=plan.scratch_dir) as folder:
-            yield Path(folder)
+        try:  # only the creation: an OSError of the prune itself must pass unchanged
+            folder = tempfile.TemporaryDirectory(prefix="block-gradient-norms-", dir=plan.scratch_dir)
+        except OSError as error:
+            raise ValueError(
+                f"gradient_loss='model_by_block' writes its gradient norms under the cache folder {plan.scratch_dir}, "
+                f"where no folder can be made ({error}): set cache_dir (--cache-dir) to a writable folder."
+            ) from error
+        with folder as path:
+            yield Path(path)
 
     def _gradients(
         self, model: nn.Module, plan: PrunePlan, run: PruneRun, scratch: Path | None

@@ -127,6 +127,25 @@ def test_too_little_disk_for_the_norms_is_refused_before_anything_changes(calibr
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+def test_a_scratch_folder_that_cannot_be_made_is_refused_before_anything_changes(calibration_ids, monkeypatch, tmp_path):
+    # a model pruned before: its masks are detached only once the scratch folder exists, so they must still be there
+    model = tiny_model("llama")
+    GBLMPruner(GBLMConfig(method="wanda", pattern="2:4", sparsity=0.5), show_progress=False).prune(model, calibration_ids)
+    masks = {name: packed.clone() for name, packed in model.hf_quantizer.packed_masks.items()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path))
+
+    monkeypatch.setattr(pruner_module.tempfile, "TemporaryDirectory", read_only)
+    with pytest.raises(ValueError, match=rf"under the cache folder {tmp_path}, where no folder can be made.*--cache-dir"):
+        GBLMPruner(by_block_config(), cache_dir=tmp_path, show_progress=False).prune(model, calibration_ids)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert set(model.hf_quantizer.packed_masks) == set(masks)
+    assert all(torch.equal(model.hf_quantizer.packed_masks[n], m) for n, m in masks.items())
+    assert model.config.quantization_config.method == "wanda"
+
+
 def test_a_full_disk_while_writing_names_the_folder_and_the_fix(tmp_path):
     norms = GradientNormsOnDisk(tmp_path / "missing")  # a folder that is not there fails as a full disk would
     with pytest.raises(OSError, match=r"could not write gradient norms to .*missing.*--cache-dir"):
@@ -134,9 +153,10 @@ def test_a_full_disk_while_writing_names_the_folder_and_the_fix(tmp_path):
     assert len(norms) == 0
 
 
-def test_the_dense_inputs_do_not_enter_the_layer_statistics(calibration_ids):
+def test_the_gradient_stage_leaves_the_layer_pass_as_it_was(calibration_ids):
     # alpha 0 leaves the gradient term out of the choice: the weights then depend on the Hessians alone, which must
-    # come from the layer pass's inputs only (not also from the dense inputs the gradients are taken on)
+    # be the same whichever way the gradients were taken (the by-block stage must not leave hooks, dense inputs or
+    # changed weights behind for the layer pass)
     results = []
     for loss in ("model", "model_by_block"):
         model = tiny_model("llama")
