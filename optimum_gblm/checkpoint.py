@@ -15,7 +15,6 @@ import glob
 import logging
 import os
 import re
-import secrets
 import shutil
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .files import OwnerLock, as_os_error, write_atomically
+from .files import OwnedFolder, OwnerLock, as_os_error, remove_dead_folders, write_atomically
 from .sparse_state import check_weights_match_masks, pruning_quantizer
 
 logger = logging.getLogger(__name__)
@@ -150,51 +149,15 @@ def _leftover_pattern(output: Path, kind: str) -> str:
     return glob.escape(str(output.parent / f".{output.name}.{kind}-")) + "*"
 
 
-class _StagingFolder:
-    """A hidden sibling `.<name>.tmp-<random>` of the output that one save writes into, owned by that save: the
-    lock file `.<name>.tmp-<random>.lock` beside it is flock'ed by the saving process for as long as the folder is
-    its own (created before the folder, removed after it). A staging folder whose lock can be taken is a leftover of
-    a dead save; one whose lock is held belongs to a save in progress, in this process or another."""
-
-    def __init__(self, output: Path):
-        for _ in range(100):
-            self.path = output.parent / f".{output.name}.tmp-{secrets.token_hex(6)}"
-            self.lock = OwnerLock(f"{self.path}.lock")
-            if os.path.lexists(self.lock.path) or os.path.lexists(self.path):
-                continue
-            self.lock.acquire()
-            try:
-                os.mkdir(self.path)  # 0777 less the umask, like a folder transformers creates (mkdtemp: 0700)
-            except FileExistsError:
-                self.lock.release()
-                continue
-            except BaseException:
-                self.lock.release()
-                raise
-            return
-        raise FileExistsError(errno.EEXIST, f"no unused staging folder name beside {str(output)!r}")
-
-    def close(self) -> None:
-        """Remove the folder (when it was not swapped into place), then give up ownership."""
-        try:
-            shutil.rmtree(self.path, ignore_errors=True)
-        finally:
-            self.lock.release()
+def _staging_folder(output: Path) -> OwnedFolder:
+    """A hidden sibling `.<name>.tmp-<random>` of the output that one save writes into, owned by that save (its lock
+    `.<name>.tmp-<random>.lock` held as long as the folder is its own)."""
+    return OwnedFolder(output.parent, f".{output.name}.tmp-")
 
 
 def _remove_dead_leftovers(output: Path) -> None:
     """Remove the staging folders beside `output` whose save died; never one whose owner is alive."""
-    for lock_path in glob.glob(_leftover_pattern(output, "tmp") + ".lock"):
-        lock = OwnerLock.take_over(lock_path)
-        if lock is not None:
-            with lock:
-                shutil.rmtree(lock_path[: -len(".lock")], ignore_errors=True)
-                logger.info("removed %s, left by a save that did not finish", lock_path[: -len(".lock")])
-    for folder in glob.glob(_leftover_pattern(output, "tmp")):
-        # A staging folder without its lock file: its owner removed the lock after the folder, or never made one
-        # (a killed save of an earlier version). Either way no living save owns it.
-        if not folder.endswith(".lock") and os.path.isdir(folder) and not os.path.lexists(f"{folder}.lock"):
-            shutil.rmtree(folder, ignore_errors=True)
+    remove_dead_folders(output.parent, f".{output.name}.tmp-", "a save")
 
 
 def _output_lock(output: Path) -> OwnerLock:
@@ -304,7 +267,7 @@ def save_pretrained_atomically(
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         _remove_dead_leftovers(output)  # first: a killed save's leftovers may be what filled the disk
-        staging = _StagingFolder(output)
+        staging = _staging_folder(output)
         model.save_pretrained(staging.path, **save_kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging.path)

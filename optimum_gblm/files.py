@@ -1,17 +1,22 @@
 """Files on disk: writing one so that readers see the old file or the new one, never half of it; owner locks that
-say whether a leftover's writer is still alive; disk errors reported as `OSError`s with their errno."""
+say whether a leftover's writer is still alive, and the folders they guard; disk errors reported as `OSError`s with
+their errno."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import logging
 import os
 import re
 import secrets
+import shutil
+import signal
 import socket
 import stat
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 try:
@@ -187,3 +192,79 @@ class OwnerLock:
         with contextlib.suppress(OSError):  # the owner's name is for people; a full disk must not stop the work
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+
+
+class OwnedFolder:
+    """A new folder `<parent>/<prefix><random>` that one process works in (a save's staging folder, a prune's scratch
+    norms), owned by that process for as long as it exists: the lock file `<folder>.lock` beside it is flock'ed
+    (`OwnerLock`) before the folder is made and released after it is removed. A folder whose lock can be taken is a
+    leftover of a dead process (`remove_dead_folders`); one whose lock is held belongs to a process at work, this one
+    or another."""
+
+    def __init__(self, parent: str | os.PathLike, prefix: str):
+        parent = Path(parent)
+        for _ in range(100):
+            self.path = parent / f"{prefix}{secrets.token_hex(6)}"
+            self.lock = OwnerLock(f"{self.path}.lock")
+            if os.path.lexists(self.lock.path) or os.path.lexists(self.path):
+                continue
+            self.lock.acquire()
+            try:
+                os.mkdir(self.path)  # 0777 less the umask, like a folder transformers creates (mkdtemp: 0700)
+            except FileExistsError:
+                self.lock.release()
+                continue
+            except BaseException:
+                self.lock.release()
+                raise
+            return
+        raise FileExistsError(errno.EEXIST, f"no unused folder name {prefix}* in {str(parent)!r}")
+
+    def close(self) -> None:
+        """Remove the folder (if it is still there), then give up ownership."""
+        try:
+            shutil.rmtree(self.path, ignore_errors=True)
+        finally:
+            self.lock.release()
+
+    def __enter__(self) -> OwnedFolder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def remove_dead_folders(parent: str | os.PathLike, prefix: str, owner: str) -> None:
+    """Remove the `OwnedFolder`s `<parent>/<prefix>*` whose process died (`owner` names it in the log: "a save");
+    never one whose owner is alive."""
+    pattern = glob.escape(str(Path(parent) / prefix)) + "*"
+    for lock_path in glob.glob(pattern + ".lock"):
+        lock = OwnerLock.take_over(lock_path)
+        if lock is not None:
+            with lock:
+                shutil.rmtree(lock_path[: -len(".lock")], ignore_errors=True)
+                logger.info("removed %s, left by %s that did not finish", lock_path[: -len(".lock")], owner)
+    for folder in glob.glob(pattern):
+        # A folder without its lock file: its owner removed the lock after the folder, or never made one (a killed
+        # process of an earlier version). Either way no living process owns it.
+        if not folder.endswith(".lock") and os.path.isdir(folder) and not os.path.lexists(f"{folder}.lock"):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def kill_unwinds() -> Iterator[None]:
+    """Inside, `kill` (SIGTERM) raises SystemExit(143) in the main thread instead of ending the process on the spot,
+    so that context managers and `finally` blocks run and remove what the process owns (as Ctrl-C does). A SIGTERM
+    handler the program set itself is left alone, and so is a call off the main thread (signals go to the main one)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def exit_on_kill(number: int, frame: object) -> None:
+        raise SystemExit(128 + number)
+
+    signal.signal(signal.SIGTERM, exit_on_kill)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)

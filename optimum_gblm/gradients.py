@@ -312,9 +312,9 @@ class GradientNormsOnDisk(Mapping[str, torch.Tensor]):
         self.folder, self.factor = Path(folder), factor
         self._file_of: dict[str, Path] = {}
 
-    def add(self, norms: dict[str, torch.Tensor]) -> None:
-        """Write one block's norms to their own file."""
-        path = self.folder / f"block-{len(set(self._file_of.values())):05d}.safetensors"
+    def add(self, norms: dict[str, torch.Tensor], block: int) -> None:
+        """Write the norms of block number `block` (its index in the model) to their own file."""
+        path = self.folder / f"block-{block:05d}.safetensors"
         try:
             save_file({name: value.detach().cpu().contiguous() for name, value in norms.items()}, str(path))
         except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
@@ -371,7 +371,8 @@ def _dense_block_inputs(
 ) -> tuple[list[list[torch.Tensor]], list[tuple[tuple, dict[str, Any]]], list[torch.Tensor]]:
     """Per sequence, one forward of the whole model (no weight requires grad): every block's input, the other
     arguments each block is called with, and dL_n / d(last block's output), which comes from the head alone because
-    the graph is cut at that output."""
+    the graph is cut at that output. The hidden states are kept in host memory (`block_inputs_bytes` of them), where
+    there is room for all blocks' at once."""
     index_of = {id(block): i for i, block in enumerate(blocks)}
     device = next(model.parameters()).device
     inputs: list[list[torch.Tensor]] = [[] for _ in blocks]
@@ -381,7 +382,7 @@ def _dense_block_inputs(
 
     def keep_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
         i = index_of[id(module)]
-        inputs[i].append(args[0].detach())
+        inputs[i].append(args[0].detach().to("cpu"))  # all blocks' inputs at once: host memory, not the accelerator's
         if extras[i] is None:
             extra_kwargs = _detached(kwargs)
             if "use_cache" in extra_kwargs:
@@ -404,8 +405,17 @@ def _dense_block_inputs(
                 for handle in handles:
                     handle.remove()
             (gradient,) = torch.autograd.grad(loss, cut.pop())
-            last_gradients.append(gradient.detach())
+            last_gradients.append(gradient.detach().to("cpu"))
     return inputs, extras, last_gradients
+
+
+def block_inputs_bytes(model: nn.Module, num_sequences: int, seqlen: int) -> int:
+    """The host memory `loss_gradient_norms_by_block` keeps its dense block inputs in: one hidden state per block and
+    sequence, in the model's dtype, and one more per sequence (the gradient passed down)."""
+    _, blocks = find_decoder_blocks(model)
+    embeddings = model.get_input_embeddings()
+    width, itemsize = embeddings.embedding_dim, embeddings.weight.element_size()
+    return (len(blocks) + 1) * num_sequences * seqlen * width * itemsize
 
 
 def loss_gradient_norms_by_block(
@@ -424,7 +434,8 @@ def loss_gradient_norms_by_block(
     each block is recomputed on its inputs and back-propagated from the loss's gradient at its output, its weight
     gradients folded per sequence as the full-model stage folds them, the gradient at its input passed down to the
     block before. An offloaded block is onloaded once for its turn. Memory: one block's weights, accumulators and
-    activations, plus one hidden state per block and sequence; compute: the model's backward plus one more forward.
+    activations on the compute device, plus one hidden state per block and sequence in host memory
+    (`block_inputs_bytes`); compute: the model's backward plus one more forward.
     The model is left in its mode, with its weights and requires_grad flags as they were.
     """
     check_norm(norm)
@@ -450,7 +461,7 @@ def loss_gradient_norms_by_block(
                         if i > 0:
                             gradients[n] = x.grad.detach().to(gradients[n].device)
                         inputs[i][n] = None  # done with
-                store.add(sums.finish(world=1))
+                store.add(sums.finish(world=1), i)
     finally:
         model.train(was_training)
     return store

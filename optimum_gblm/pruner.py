@@ -12,13 +12,13 @@ import dataclasses
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from optimum.quantization_base import OptimumQuantizer
 from torch import nn
@@ -27,7 +27,9 @@ from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, register_quanti
 from .checkpoint import check_output_dir, save_pretrained_atomically
 from .config import GBLMConfig, PruningRuntime
 from .data import CalibrationSource, get_calibration_data, source_description
+from .files import OwnedFolder, kill_unwinds, remove_dead_folders
 from .gradients import (
+    block_inputs_bytes,
     cached_gradient_norms,
     check_gradient_norms,
     check_not_fsdp1,
@@ -157,6 +159,8 @@ class GBLMPruner(OptimumQuantizer):
         start = time.perf_counter()
         plan = self._check(model, gradient_norms)
         run = self._calibrate(model, calibration, tokenizer, text_column)
+        if plan.scratch_dir is not None:  # the by-block gradient stage's host memory depends on the calibration size
+            check_room_for_block_inputs(model, run)
         # gradient_loss="model_by_block" keeps its norms in the scratch folder, made before the model first changes
         with self._scratch_folder(plan) as scratch:
             strip_gguf_quantization(model)  # GGUF's quantizer state would clash with ours
@@ -245,32 +249,29 @@ class GBLMPruner(OptimumQuantizer):
 
     def _scratch_parent(self) -> Path:
         """Where gradient_loss="model_by_block" writes its norms: a fresh folder inside the cache folder (never
-        /tmp, often memory-backed), created now so that a folder that cannot be made fails before the model changes."""
+        /tmp, often memory-backed). The cache folder is made now, for its free space to be measured."""
         parent = Path(self.runtime.cache_dir) if self.runtime.cache_dir is not None else default_cache_dir()
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise ValueError(
-                f"gradient_loss='model_by_block' writes its gradient norms under the cache folder {parent}, which cannot "
-                f"be created ({error}): set cache_dir (--cache-dir) to a writable folder."
-            ) from error
+            raise _unwritable_cache_folder(parent, error) from error
         return parent
 
     @contextlib.contextmanager
     def _scratch_folder(self, plan: PrunePlan) -> Iterator[Path | None]:
-        """A folder for this prune's on-disk gradient norms, removed when the prune ends, however it ends."""
+        """A folder for this prune's on-disk gradient norms, owned by this process and removed when the prune ends,
+        however it ends: an exception, Ctrl-C or a `kill` unwinds through here, and the folders of by-block prunes
+        that died harder (SIGKILL, power) are removed at the next one's start."""
         if plan.scratch_dir is None:
             yield None
             return
         try:  # only the creation: an OSError of the prune itself must pass unchanged
-            folder = tempfile.TemporaryDirectory(prefix="block-gradient-norms-", dir=plan.scratch_dir)
+            remove_dead_folders(plan.scratch_dir, SCRATCH_PREFIX, "a by-block prune")
+            folder = OwnedFolder(plan.scratch_dir, SCRATCH_PREFIX)
         except OSError as error:
-            raise ValueError(
-                f"gradient_loss='model_by_block' writes its gradient norms under the cache folder {plan.scratch_dir}, "
-                f"where no folder can be made ({error}): set cache_dir (--cache-dir) to a writable folder."
-            ) from error
-        with folder as path:
-            yield Path(path)
+            raise _unwritable_cache_folder(plan.scratch_dir, error) from error
+        with folder, kill_unwinds():
+            yield folder.path
 
     def _gradients(
         self, model: nn.Module, plan: PrunePlan, run: PruneRun, scratch: Path | None
@@ -425,6 +426,16 @@ def check_gradients_computable(modules: dict[str, nn.Module]) -> None:
         )
 
 
+SCRATCH_PREFIX = "block-gradient-norms-"
+
+
+def _unwritable_cache_folder(folder: Path, error: OSError) -> ValueError:
+    return ValueError(
+        f"gradient_loss='model_by_block' writes its gradient norms under the cache folder {folder}, where no folder "
+        f"can be made ({error}): set cache_dir (--cache-dir) to a writable folder."
+    )
+
+
 def check_room_for_norms(modules: dict[str, nn.Module], folder: Path) -> None:
     """gradient_loss="model_by_block" writes one fp32 norm per prunable weight: refuse before the run, not when the
     disk fills half-way through it."""
@@ -434,6 +445,21 @@ def check_room_for_norms(modules: dict[str, nn.Module], folder: Path) -> None:
         raise ValueError(
             f"gradient_loss='model_by_block' writes {needed / 2**30:.2f} GiB of gradient norms under {folder}, which has "
             f"{free / 2**30:.2f} GiB free: set cache_dir (--cache-dir) to a disk with room, or free some space."
+        )
+
+
+def check_room_for_block_inputs(model: nn.Module, run: PruneRun) -> None:
+    """gradient_loss="model_by_block" keeps every block's input for each gradient sequence in host memory: refuse a
+    run that cannot hold them before it starts, not when the machine starts swapping or the process is killed."""
+    sequences = get_method(run.config.method).gradient_samples(run.config, run.input_ids.shape[0])
+    needed = block_inputs_bytes(model, sequences, run.input_ids.shape[1])
+    available = psutil.virtual_memory().available
+    if needed > available:
+        raise ValueError(
+            f"gradient_loss='model_by_block' keeps every block's input for its {sequences} gradient sequences of "
+            f"{run.input_ids.shape[1]} tokens in memory, {needed / 2**30:.2f} GiB, and {available / 2**30:.2f} GiB is "
+            f"available: take the gradients on fewer sequences (method_options gradient_samples, --gradient-samples), "
+            f"use shorter ones (seqlen), or free memory."
         )
 
 

@@ -2,7 +2,11 @@
 block's weight gradients from the loss's gradient at its output; by the chain rule the full-model gradients."""
 
 import json
+import os
 import shutil
+import signal
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,9 +17,16 @@ from transformers import AutoModelForCausalLM
 
 from optimum_gblm import GBLMConfig, GBLMPruner
 from optimum_gblm import pruner as pruner_module
-from optimum_gblm.gradients import GradientNormsOnDisk, compute_gradient_norms, loss_gradient_norms_by_block
+from optimum_gblm.files import OwnedFolder, kill_unwinds
+from optimum_gblm.gradients import (
+    GradientNormsOnDisk,
+    _dense_block_inputs,
+    block_inputs_bytes,
+    compute_gradient_norms,
+    loss_gradient_norms_by_block,
+)
 from optimum_gblm.methods import base as methods_base
-from optimum_gblm.structure import layers_by_block, prunable_modules
+from optimum_gblm.structure import find_decoder_blocks, layers_by_block, prunable_modules
 
 
 def by_block_config(method="gblm_obs", pattern="2:4", **options):
@@ -53,14 +64,15 @@ def test_the_norms_wait_on_disk_one_file_per_block(calibration_ids, tmp_path):
     norms = blockwise_norms(model, calibration_ids[:3], tmp_path)
     files = sorted(tmp_path.iterdir())
     assert [f.name for f in files] == ["block-00000.safetensors", "block-00001.safetensors"]
-    # the last block is the first one done
-    with safe_open(str(files[0]), framework="pt") as f:
-        assert sorted(f.keys()) == sorted(layers_by_block(model)[1])
+    # numbered by block, although the last block is the first one done
+    for block, path in enumerate(files):
+        with safe_open(str(path), framework="pt") as f:
+            assert sorted(f.keys()) == sorted(layers_by_block(model)[block])
     assert len(norms) == len(prunable_modules(model))
     assert set(norms) == set(prunable_modules(model))
     name = "model.layers.0.mlp.down_proj"
     norms.factor = 2.0
-    assert torch.equal(norms[name], 2 * load_file(str(files[1]))[name])  # the factor is applied as it is read
+    assert torch.equal(norms[name], 2 * load_file(str(files[0]))[name])  # the factor is applied as it is read
 
 
 def test_a_model_in_train_mode_is_measured_in_eval_mode_and_left_in_train_mode(calibration_ids, tmp_path):
@@ -137,7 +149,7 @@ def test_a_scratch_folder_that_cannot_be_made_is_refused_before_anything_changes
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(tmp_path))
 
-    monkeypatch.setattr(pruner_module.tempfile, "TemporaryDirectory", read_only)
+    monkeypatch.setattr(pruner_module, "OwnedFolder", read_only)
     with pytest.raises(ValueError, match=rf"under the cache folder {tmp_path}, where no folder can be made.*--cache-dir"):
         GBLMPruner(by_block_config(), cache_dir=tmp_path, show_progress=False).prune(model, calibration_ids)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
@@ -146,10 +158,81 @@ def test_a_scratch_folder_that_cannot_be_made_is_refused_before_anything_changes
     assert model.config.quantization_config.method == "wanda"
 
 
+def test_the_folders_of_dead_prunes_are_removed_and_a_live_one_is_kept(calibration_ids, tmp_path):
+    # a prune killed with SIGKILL leaves its folder and the lock file no living process holds; another prune at work
+    # holds its lock (flock conflicts between two opens even in one process)
+    dead = tmp_path / f"{pruner_module.SCRATCH_PREFIX}dead"
+    dead.mkdir()
+    (dead / "block-00003.safetensors").write_bytes(b"x" * 1000)
+    (tmp_path / f"{dead.name}.lock").write_text("12345 elsewhere\n")
+    unlocked = tmp_path / f"{pruner_module.SCRATCH_PREFIX}older"  # an earlier version's, with no lock file at all
+    unlocked.mkdir()
+    with OwnedFolder(tmp_path, pruner_module.SCRATCH_PREFIX) as live:
+        GBLMPruner(by_block_config(), cache_dir=tmp_path, show_progress=False).prune(tiny_model("llama"), calibration_ids)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [live.path.name, f"{live.path.name}.lock"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_kill_during_the_prune_removes_its_folder(calibration_ids, monkeypatch, tmp_path):
+    def killed(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # the handler runs before this returns
+        raise AssertionError("SIGTERM did not unwind the prune")
+
+    monkeypatch.setattr(pruner_module, "prune_layers", killed)
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # what a plain python process has
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            GBLMPruner(by_block_config(), cache_dir=tmp_path, show_progress=False).prune(tiny_model("llama"), calibration_ids)
+        assert stopped.value.code == 128 + signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # given back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_programs_own_kill_handler_is_left_alone():
+    def own(number, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, own)
+    try:
+        with kill_unwinds():
+            assert signal.getsignal(signal.SIGTERM) is own
+        assert signal.getsignal(signal.SIGTERM) is own
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_the_kept_block_inputs_are_what_the_memory_check_counts(calibration_ids):
+    # 2 blocks x 4 sequences x 16 tokens x width 64, fp32, plus one gradient per sequence
+    model = tiny_model("llama")
+    _, blocks = find_decoder_blocks(model)
+    inputs, _, gradients = _dense_block_inputs(model, list(blocks), calibration_ids, show_progress=False)
+    kept = [t for block in inputs for t in block] + gradients
+    assert all(t.device.type == "cpu" for t in kept)
+    width = model.config.hidden_size
+    assert block_inputs_bytes(model, 4, 16) == 3 * 4 * 16 * width * 4 == sum(t.numel() * t.element_size() for t in kept)
+
+
+def test_too_little_memory_for_the_block_inputs_is_refused_before_anything_changes(calibration_ids, monkeypatch, tmp_path):
+    model = tiny_model("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    needed = block_inputs_bytes(model, 2, 16)
+    monkeypatch.setattr(pruner_module.psutil, "virtual_memory", lambda: SimpleNamespace(available=needed - 1))
+    config = by_block_config(gradient_samples=2)
+    with pytest.raises(ValueError, match=r"for its 2 gradient sequences of 16 tokens.*gradient_samples"):
+        GBLMPruner(config, cache_dir=tmp_path, show_progress=False).prune(model, calibration_ids)
+    assert list(tmp_path.iterdir()) == []
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    monkeypatch.setattr(pruner_module.psutil, "virtual_memory", lambda: SimpleNamespace(available=needed))
+    GBLMPruner(config, cache_dir=tmp_path, show_progress=False).prune(model, calibration_ids)  # just enough
+
+
 def test_a_full_disk_while_writing_names_the_folder_and_the_fix(tmp_path):
     norms = GradientNormsOnDisk(tmp_path / "missing")  # a folder that is not there fails as a full disk would
     with pytest.raises(OSError, match=r"could not write gradient norms to .*missing.*--cache-dir"):
-        norms.add({"w": torch.ones(2, 2)})
+        norms.add({"w": torch.ones(2, 2)}, 0)
     assert len(norms) == 0
 
 
