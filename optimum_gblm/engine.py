@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .placement import OnDevice, Onloaded, check_offload_writable, compute_device_for, execution_device
-from .structure import find_decoder_blocks, layers_by_block
+from .structure import find_decoder_blocks, layers_by_block, replay_arguments
 
 
 class LayerVisitor(Protocol):
@@ -47,16 +47,6 @@ class _Captured(Exception):
     """Raised by the block-0 hook to stop the forward once its inputs are captured."""
 
 
-def _detach(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    if isinstance(value, tuple):
-        return tuple(_detach(v) for v in value)
-    if isinstance(value, list):
-        return [_detach(v) for v in value]
-    return value
-
-
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor
@@ -77,7 +67,7 @@ def capture_block_inputs(
         if index == 0:
             hidden.append(args[0].detach())
         if extras[index] is None:
-            extras[index] = (_detach(tuple(args[1:])), {k: _detach(v) for k, v in kwargs.items()})
+            extras[index] = replay_arguments(args, kwargs)
         if index == len(blocks) - 1 or len(hidden) > 1:
             raise _Captured
 
@@ -100,14 +90,7 @@ def capture_block_inputs(
             f"the model's forward never called decoder block(s) {missing}: the engine needs every block called once "
             f"per forward, in order."
         )
-    args_per_block, kwargs_per_block = [], []
-    for args, kwargs in extras:
-        # Replaying blocks must never grow a KV cache.
-        if "use_cache" in kwargs:
-            kwargs["use_cache"] = False
-        args_per_block.append(args)
-        kwargs_per_block.append(kwargs)
-    return torch.cat(hidden), args_per_block, kwargs_per_block
+    return torch.cat(hidden), [args for args, _ in extras], [kwargs for _, kwargs in extras]
 
 
 @dataclass

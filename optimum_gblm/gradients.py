@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from .files import OwnerLock, write_atomically
 from .placement import Onloaded, execution_device
-from .structure import find_decoder_blocks
+from .structure import find_decoder_blocks, replay_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -338,16 +338,6 @@ class GradientNormsOnDisk(Mapping[str, torch.Tensor]):
         return len(self._file_of)
 
 
-def _detached(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    if isinstance(value, (tuple, list)):
-        return type(value)(_detached(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _detached(v) for k, v in value.items()}
-    return value
-
-
 def _hidden(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -384,10 +374,7 @@ def _dense_block_inputs(
         i = index_of[id(module)]
         inputs[i].append(args[0].detach().to("cpu"))  # all blocks' inputs at once: host memory, not the accelerator's
         if extras[i] is None:
-            extra_kwargs = _detached(kwargs)
-            if "use_cache" in extra_kwargs:
-                extra_kwargs["use_cache"] = False  # a recomputed block must never grow a KV cache
-            extras[i] = (_detached(tuple(args[1:])), extra_kwargs)
+            extras[i] = replay_arguments(args, kwargs)
 
     def cut_output(module: nn.Module, args: tuple, output: Any) -> Any:
         leaf = _hidden(output).detach().requires_grad_(True)

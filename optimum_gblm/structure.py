@@ -6,12 +6,35 @@ inside them can be pruned (never an embedding or a weight tied to one), and ever
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 PRUNABLE_TYPES = (nn.Linear, Conv1D)
+
+
+def _detached(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, tuple):
+        return tuple(_detached(v) for v in value)
+    if isinstance(value, list):
+        return [_detached(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    return value
+
+
+def replay_arguments(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """What a decoder block was called with besides its hidden states (`args[1:]`, the keywords: attention mask,
+    position ids or embeddings ...), detached, for calling it again on other hidden states: captured by a forward
+    pre-hook once, replayed per sequence. A replayed block must never grow a KV cache."""
+    extra_kwargs = _detached(kwargs)
+    if "use_cache" in extra_kwargs:
+        extra_kwargs["use_cache"] = False
+    return _detached(tuple(args[1:])), extra_kwargs
 
 
 def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
