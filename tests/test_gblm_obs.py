@@ -133,6 +133,24 @@ def test_refit_steps_solve_the_kept_weights_on_the_same_mask(calibration_ids, pa
         assert not torch.allclose(refit[name], swept[name]), f"{name}: the refit moves the kept weights"
 
 
+def test_refit_modules_refits_those_layers_only(calibration_ids):
+    swept = weights_of(pruned("gblm_obs", calibration_ids, refit_steps=0))
+    refit = weights_of(pruned("gblm_obs", calibration_ids, refit_steps=5))
+    some = weights_of(pruned("gblm_obs", calibration_ids, refit_steps=5, refit_modules="self_attn.q_proj"))
+    # q, k and v take block 0's input, the same in all three runs: q_proj as the full refit left it, k and v as swept
+    assert torch.equal(some["model.layers.0.self_attn.q_proj.weight"], refit["model.layers.0.self_attn.q_proj.weight"])
+    for name in ("k_proj", "v_proj"):
+        key = f"model.layers.0.self_attn.{name}.weight"
+        assert torch.equal(some[key], swept[key]) and not torch.equal(some[key], refit[key]), key
+
+
+def test_refit_modules_are_module_name_suffixes():
+    options = GBLMConfig(method="gblm_obs", method_options={"refit_modules": "down_proj"}).method_settings()
+    assert options.refit_modules == ["down_proj"]
+    with pytest.raises(ValueError, match="refit_modules must be a list of module-name suffixes"):
+        GBLMConfig(method="gblm_obs", method_options={"refit_modules": ["q_proj", ""]})
+
+
 def test_a_checkpoint_written_before_refit_steps_existed_loads_without_refit():
     # written with the gradient factor and update_mu, before refit_steps: it keeps its factor and does not refit
     config = GBLMConfig(method="gblm_obs", method_options={"mu": 1.0, "refit_steps": 0})

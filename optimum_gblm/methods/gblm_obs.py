@@ -84,6 +84,11 @@ class GBLMOBSOptions(GradientOptions):
         10, "after the sweep, fit the kept weights on the mask under H_mu (least squares) with this many conjugate-gradient "
         "steps (0: the sweep's weights, SparseGPT's update)", absent=0,  # checkpoints written before it did not refit
     )
+    refit_modules: list[str] | None = setting(
+        None, "refit only these layers (module-name suffixes such as q_proj or mlp.up_proj; default: every pruned "
+        "layer): a step costs d_out x d_in^2, so a wide-input layer such as down_proj costs most", nargs="+",
+        absent=None,  # added later; before it, every layer was refitted
+    )
     mu_candidates: list[float] = setting([0.03, 0.1, 0.3, 1.0, 3.0], "the mu values mu='auto' chooses among", nargs="+", type=float)
     folds: int = setting(3, "folds of calibration sequences for mu='auto' (K >= 2; at most num_samples)")
     cv_rows: int = setting(128, "output rows sampled per layer for mu='auto' (0 = all rows)")
@@ -107,6 +112,17 @@ class GBLMOBSOptions(GradientOptions):
         self.damping = check_number("gblm_obs damping", self.damping, 1e-9, 1e6)
         check_int("gblm_obs blocksize", self.blocksize, 1)
         check_int("gblm_obs refit_steps", self.refit_steps, 0)
+        if isinstance(self.refit_modules, str):  # one name is a list of one
+            self.refit_modules = [self.refit_modules]
+        if self.refit_modules is not None:
+            if not isinstance(self.refit_modules, (list, tuple)) or not all(
+                isinstance(m, str) and m for m in self.refit_modules
+            ):
+                raise ValueError(
+                    f"gblm_obs refit_modules must be a list of module-name suffixes such as ['q_proj', 'up_proj'], got "
+                    f"{self.refit_modules!r}."
+                )
+            self.refit_modules = list(self.refit_modules)
         if self.update_mu is not None:
             self.update_mu = check_number("gblm_obs update_mu", self.update_mu, 0.0, math.inf)
             if self.mu == "auto":
@@ -192,11 +208,19 @@ class GBLMOBS(PruningMethod):
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + sum(map(ord, name)))
         return torch.randperm(rows, generator=generator)[: self.options.cv_rows].sort().values
 
+    def refit_steps(self, name: str) -> int:
+        """The refit steps of layer `name` (a full module name): refit_steps, or 0 outside refit_modules."""
+        targets = self.options.refit_modules
+        if targets is None or any(name == t or name.endswith("." + t) for t in targets):
+            return self.options.refit_steps
+        return 0
+
     @torch.no_grad()
     def prune_layer(self, name: str, module: nn.Module, stats: Any, sparsity: float) -> torch.Tensor:
         weight = weight_matrix(module)
         options = self.options
         mu = options.mu
+        refit_steps = self.refit_steps(name)
         # The score's mask is the mask itself (selection="score") or what cross-validation fits around (mu="auto");
         # joint selection at a fixed mu needs none.
         score_mask = None
@@ -213,13 +237,13 @@ class GBLMOBS(PruningMethod):
                 damping=options.damping,
                 blocksize=options.blocksize,
                 name=name,
-                refit_steps=options.refit_steps,
+                refit_steps=refit_steps,
             )
             self.layer_settings.setdefault("mu", {})[name] = mu
         hessian = stats.hessian  # our own copy: the last obs_prune may regularise it in place
         # with update_mu the kept weights are fitted again below: no refit of the first update, and H is used twice
         refit_again = options.update_mu is not None
-        first_refit_steps = 0 if refit_again else options.refit_steps
+        first_refit_steps = 0 if refit_again else refit_steps
         if options.selection == "joint":
             gradient = self._scaled_gradients(name, module, stats)
             bonus = scale = None
@@ -245,7 +269,7 @@ class GBLMOBS(PruningMethod):
         if refit_again:
             updated, mask = obs_prune(
                 weight, hessian, sparsity, self.config.nm, options.blocksize, options.damping, options.update_mu,
-                keep_mask=mask, name=name, refit_steps=options.refit_steps, method=self.name, overwrite_hessian=True,
+                keep_mask=mask, name=name, refit_steps=refit_steps, method=self.name, overwrite_hessian=True,
             )
         weight.copy_(updated.to(weight.dtype))
         return mask
