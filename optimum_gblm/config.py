@@ -112,6 +112,17 @@ def check_number(name: str, value: Any, low: float, high: float, fix: str = "") 
     return float(value)
 
 
+def module_name_list(value: Any, requirement: str) -> list[str] | None:
+    """A list of non-empty module names (one name is a list of one), or None; else ValueError(requirement + value)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(name, str) and name for name in value):
+        raise ValueError(f"{requirement}, got {value!r}.")
+    return list(value)
+
+
 def setting(default: Any = dataclasses.MISSING, help: str = "", **metadata: Any) -> Any:  # noqa: A002 (argparse's name)
     """A dataclass field carrying its help text (and CLI hints such as `choices`, `aliases`, `cli=False`)."""
     kwargs: dict[str, Any] = {"metadata": {"help": help, **metadata}}
@@ -350,13 +361,9 @@ class GBLMConfig(QuantizationConfigMixin):
     def _validate_target_modules(self) -> None:
         if self.target_modules is None:
             return
-        if isinstance(self.target_modules, str):  # one name is a list of one
-            self.target_modules = [self.target_modules]
-        if not isinstance(self.target_modules, (list, tuple)) or not all(isinstance(t, str) and t for t in self.target_modules):
-            raise ValueError(
-                f"target_modules must be a list of module names such as ['q_proj', 'down_proj'], got {self.target_modules!r}."
-            )
-        self.target_modules = list(self.target_modules)
+        self.target_modules = module_name_list(
+            self.target_modules, "target_modules must be a list of module names such as ['q_proj', 'down_proj']"
+        )
         for target in self.target_modules:
             try:
                 re.compile(target)

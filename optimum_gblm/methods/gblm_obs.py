@@ -42,7 +42,15 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import GBLMConfig, check_int, check_number, option_flag, parse_auto_or_number, setting
+from ..config import (
+    GBLMConfig,
+    check_int,
+    check_number,
+    module_name_list,
+    option_flag,
+    parse_auto_or_number,
+    setting,
+)
 from ..masks import select_mask
 from ..obs import cross_validated_mu, obs_prune
 from ..registry import register_method
@@ -112,17 +120,9 @@ class GBLMOBSOptions(GradientOptions):
         self.damping = check_number("gblm_obs damping", self.damping, 1e-9, 1e6)
         check_int("gblm_obs blocksize", self.blocksize, 1)
         check_int("gblm_obs refit_steps", self.refit_steps, 0)
-        if isinstance(self.refit_modules, str):  # one name is a list of one
-            self.refit_modules = [self.refit_modules]
-        if self.refit_modules is not None:
-            if not isinstance(self.refit_modules, (list, tuple)) or not all(
-                isinstance(m, str) and m for m in self.refit_modules
-            ):
-                raise ValueError(
-                    f"gblm_obs refit_modules must be a list of module-name suffixes such as ['q_proj', 'up_proj'], got "
-                    f"{self.refit_modules!r}."
-                )
-            self.refit_modules = list(self.refit_modules)
+        self.refit_modules = module_name_list(
+            self.refit_modules, "gblm_obs refit_modules must be a list of module-name suffixes such as ['q_proj', 'up_proj']"
+        )
         if self.update_mu is not None:
             self.update_mu = check_number("gblm_obs update_mu", self.update_mu, 0.0, math.inf)
             if self.mu == "auto":
