@@ -108,6 +108,20 @@ METHODS = {
         "method_options": {**JOINT, "mu": 0.5, "gradient_form": "scale", "refit_steps": 5,
                            "gradient_loss": "model_by_block", "gradient_samples": 4},
     },
+    # mu above the default with 5 refit steps (the update pulled further towards no update, Wanda's and GBLM's side):
+    # at 1.5B every calibration-fitted update loses the far text that the unupdated Wanda mask keeps
+    **{
+        f"gblm-obs-by-block-g4-refit5-mu{mu:g}": {
+            "method": "gblm_obs", "alpha": "auto",
+            "method_options": {**JOINT, "mu": mu, "gradient_form": "scale", "refit_steps": 5,
+                               "gradient_loss": "model_by_block", "gradient_samples": 4},
+        }
+        for mu in (2.0, 8.0)
+    },
+    # GBLM's score alone (no update) with the same gradients: gblm_obs's mu -> infinity end
+    "gblm-by-block-g4": {
+        "method": "gblm", "alpha": "auto", "method_options": {"gradient_loss": "model_by_block", "gradient_samples": 4},
+    },
     # 10 refit steps everywhere but down_proj (refit_modules): at 1.5B its d_in of 8960 makes it ~70% of the refit's
     # cost, and on real layers it gains least from it (held-out error 0.92x the sweep's, gate_proj's 0.84x)
     "gblm-obs-by-block-g4-refit-not-down": {
