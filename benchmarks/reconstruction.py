@@ -108,15 +108,15 @@ METHODS = {
         "method_options": {**JOINT, "mu": 0.5, "gradient_form": "scale", "refit_steps": 5,
                            "gradient_loss": "model_by_block", "gradient_samples": 4},
     },
-    # mu above the default with 5 refit steps (the update pulled further towards no update, Wanda's and GBLM's side):
-    # at 1.5B every calibration-fitted update loses the far text that the unupdated Wanda mask keeps
+    # mu around the default with 5 refit steps: above it the update is pulled towards no update (Wanda's and GBLM's side),
+    # which at 1.5B and 50% keeps the far text that every calibration-fitted update loses; below it, towards SparseGPT
     **{
         f"gblm-obs-by-block-g4-refit5-mu{mu:g}": {
             "method": "gblm_obs", "alpha": "auto",
             "method_options": {**JOINT, "mu": mu, "gradient_form": "scale", "refit_steps": 5,
                                "gradient_loss": "model_by_block", "gradient_samples": 4},
         }
-        for mu in (2.0, 8.0)
+        for mu in (0.1, 2.0, 8.0)
     },
     # GBLM's score alone (no update) with the same gradients: gblm_obs's mu -> infinity end
     "gblm-by-block-g4": {
