@@ -119,8 +119,15 @@ METHODS = {
         for mu in (0.1, 2.0, 8.0)
     },
     # GBLM's score alone (no update) with the same gradients: gblm_obs's mu -> infinity end
-    "gblm-by-block-g4": {
-        "method": "gblm", "alpha": "auto", "method_options": {"gradient_loss": "model_by_block", "gradient_samples": 4},
+    **{
+        f"gblm-by-block-g{samples}": {
+            "method": "gblm", "alpha": "auto", "method_options": {"gradient_loss": "model_by_block", "gradient_samples": samples},
+        }
+        for samples in (4, 16)
+    },
+    # attribution of the gradient term: the refit5 recipe with Wanda's score in the saliency (no gradients at all)
+    "gblm-obs-wanda-refit5": {
+        "method": "gblm_obs", "method_options": {**JOINT, "score": "wanda", "mu": 0.5, "gradient_form": "scale", "refit_steps": 5},
     },
     # 10 refit steps everywhere but down_proj (refit_modules): at 1.5B its d_in of 8960 makes it ~70% of the refit's
     # cost, and on real layers it gains least from it (held-out error 0.92x the sweep's, gate_proj's 0.84x)
