@@ -125,6 +125,13 @@ METHODS = {
         }
         for samples in (4, 16)
     },
+    # the refit5 recipe with the gradients taken on all 16 calibration sequences: at 1.5B GBLM's score alone beats
+    # Wanda on validation with 16 gradient sequences and trails it with 4
+    "gblm-obs-by-block-g16-refit5": {
+        "method": "gblm_obs", "alpha": "auto",
+        "method_options": {**JOINT, "mu": 0.5, "gradient_form": "scale", "refit_steps": 5,
+                           "gradient_loss": "model_by_block", "gradient_samples": 16},
+    },
     # attribution of the gradient term: the refit5 recipe with Wanda's score in the saliency (no gradients at all)
     "gblm-obs-wanda-refit5": {
         "method": "gblm_obs", "method_options": {**JOINT, "score": "wanda", "mu": 0.5, "gradient_form": "scale", "refit_steps": 5},
