@@ -34,6 +34,9 @@ REFIT_SWEEP = (0.0, 0.03, 0.1, 0.3, 0.5, 1.0, 3.0, 10.0)
 # Labels spell their options out, so a label keeps its meaning when gblm_obs's defaults change (rows resume by label).
 # The labels before "-refit10" ran without the refit (refit_steps 0), and keep doing so.
 SCORE, JOINT = {"selection": "score", "refit_steps": 0}, {"selection": "joint", "gradient_form": "bonus", "refit_steps": 0}
+# the default recipe with the model loss's gradients one block at a time on 4 sequences: the 1.5B rows vary it
+BY_BLOCK_G4 = {**JOINT, "mu": 0.5, "gradient_form": "scale", "refit_steps": 10, "gradient_loss": "model_by_block",
+               "gradient_samples": 4}
 METHODS = {
     "wanda": {"method": "wanda"},
     "gblm-auto": {"method": "gblm", "alpha": "auto"},
@@ -96,25 +99,15 @@ METHODS = {
     },
     # the model loss's gradients taken one block at a time (gradient_loss="model_by_block"): gblm-obs-g4's norms up to
     # rounding, with one block's memory
-    "gblm-obs-by-block-g4": {
-        "method": "gblm_obs", "alpha": "auto",
-        "method_options": {**JOINT, "mu": 0.5, "gradient_form": "scale", "refit_steps": 10,
-                           "gradient_loss": "model_by_block", "gradient_samples": 4},
-    },
+    "gblm-obs-by-block-g4": {"method": "gblm_obs", "alpha": "auto", "method_options": BY_BLOCK_G4},
     # the same with 5 refit steps: on a 1.5B model the refit is most of gblm_obs's cost above SparseGPT's (each step
     # one (d_out, d_in) x (d_in, d_in) product), and on real layers most of its held-out gain comes in the first 5
-    "gblm-obs-by-block-g4-refit5": {
-        "method": "gblm_obs", "alpha": "auto",
-        "method_options": {**JOINT, "mu": 0.5, "gradient_form": "scale", "refit_steps": 5,
-                           "gradient_loss": "model_by_block", "gradient_samples": 4},
-    },
+    "gblm-obs-by-block-g4-refit5": {"method": "gblm_obs", "alpha": "auto", "method_options": {**BY_BLOCK_G4, "refit_steps": 5}},
     # mu around the default with 5 refit steps: above it the update is pulled towards no update (Wanda's and GBLM's side),
     # which at 1.5B and 50% keeps the far text that every calibration-fitted update loses; below it, towards SparseGPT
     **{
         f"gblm-obs-by-block-g4-refit5-mu{mu:g}": {
-            "method": "gblm_obs", "alpha": "auto",
-            "method_options": {**JOINT, "mu": mu, "gradient_form": "scale", "refit_steps": 5,
-                               "gradient_loss": "model_by_block", "gradient_samples": 4},
+            "method": "gblm_obs", "alpha": "auto", "method_options": {**BY_BLOCK_G4, "mu": mu, "refit_steps": 5},
         }
         for mu in (0.1, 2.0, 8.0)
     },
@@ -128,9 +121,7 @@ METHODS = {
     # the refit5 recipe with the gradients taken on all 16 calibration sequences: at 1.5B GBLM's score alone beats
     # Wanda on validation with 16 gradient sequences and trails it with 4
     "gblm-obs-by-block-g16-refit5": {
-        "method": "gblm_obs", "alpha": "auto",
-        "method_options": {**JOINT, "mu": 0.5, "gradient_form": "scale", "refit_steps": 5,
-                           "gradient_loss": "model_by_block", "gradient_samples": 16},
+        "method": "gblm_obs", "alpha": "auto", "method_options": {**BY_BLOCK_G4, "refit_steps": 5, "gradient_samples": 16},
     },
     # attribution of the gradient term: the refit5 recipe with Wanda's score in the saliency (no gradients at all)
     "gblm-obs-wanda-refit5": {
@@ -140,9 +131,7 @@ METHODS = {
     # cost, and on real layers it gains least from it (held-out error 0.92x the sweep's, gate_proj's 0.84x)
     "gblm-obs-by-block-g4-refit-not-down": {
         "method": "gblm_obs", "alpha": "auto",
-        "method_options": {**JOINT, "mu": 0.5, "gradient_form": "scale", "refit_steps": 10,
-                           "refit_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"],
-                           "gradient_loss": "model_by_block", "gradient_samples": 4},
+        "method_options": {**BY_BLOCK_G4, "refit_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]},
     },
 }
 TEXTS = {
