@@ -286,7 +286,8 @@ class GBLMConfig(QuantizationConfigMixin):
     seqlen: int = setting(2048, "tokens per calibration sequence T (reference: 2048)")
     seed: int = setting(0, "seed for drawing calibration windows")
     target_modules: list[str] | None = setting(
-        None, "only these linears inside the decoder blocks (suffixes such as q_proj, or regexes); default: all", nargs="+"
+        None, "only these linears inside the decoder blocks: name suffixes such as q_proj, or regexes matching a whole name "
+        "within a block or in full (model\\.layers\\.(2[4-7])\\..* picks blocks 24-27); default: all", nargs="+"
     )
     sparsity_profile: str = setting(
         "uniform", "sparsity per layer: uniform, or owl (outlier-weighted per block, unstructured)", choices=lambda: sorted(PROFILES)

@@ -60,16 +60,22 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best[1], best[2]
 
 
-def _matches(name: str, targets: list[str] | None) -> bool:
+def _matches(name: str, targets: list[str] | None, full_name: str | None = None) -> bool:
     if targets is None:
         return True
-    # A target is a module-name suffix ("q_proj", "mlp.down_proj") or a full regex over the name within the block.
-    return any(name == t or name.endswith("." + t) or re.fullmatch(t, name) for t in targets)
+    # A target is a module-name suffix ("q_proj", "mlp.down_proj") or a regex matching the whole name within the
+    # block or the whole module name (PEFT's convention, so r"model\.layers\.(2[4-7])\..*" picks blocks).
+    names = (name,) if full_name is None else (name, full_name)
+    return any(name == t or name.endswith("." + t) or any(re.fullmatch(t, n) for n in names) for t in targets)
 
 
-def block_layers(block: nn.Module, targets: list[str] | None = None) -> dict[str, nn.Module]:
-    """The prunable linears of one block, by their name inside the block."""
-    return {n: m for n, m in block.named_modules() if isinstance(m, PRUNABLE_TYPES) and _matches(n, targets)}
+def block_layers(block: nn.Module, targets: list[str] | None = None, prefix: str | None = None) -> dict[str, nn.Module]:
+    """The prunable linears of one block, by their name inside the block; `prefix` is the block's own module name
+    (such as model.layers.3), against which regex targets are matched too."""
+    return {
+        n: m for n, m in block.named_modules()
+        if isinstance(m, PRUNABLE_TYPES) and _matches(n, targets, f"{prefix}.{n}" if prefix else None)
+    }
 
 
 def prunable_modules(model: nn.Module, targets: list[str] | None = None) -> dict[str, nn.Module]:
@@ -79,7 +85,8 @@ def prunable_modules(model: nn.Module, targets: list[str] | None = None) -> dict
         prefix, blocks = find_decoder_blocks(model)
         raise ValueError(
             f"no prunable layer matched target_modules={targets!r} inside {prefix}; names look like "
-            f"{sorted(block_layers(blocks[0]))[:6]}."
+            f"{sorted(block_layers(blocks[0]))[:6]} within a block, {prefix}.0.{min(block_layers(blocks[0]), default='')} "
+            f"in full."
         )
     return modules
 
@@ -94,7 +101,7 @@ def layers_by_block(model: nn.Module, targets: list[str] | None = None) -> list[
         if get is not None and get() is not None
     }
     return [
-        {f"{prefix}.{i}.{n}": m for n, m in block_layers(block, targets).items() if id(m.weight) not in tied}
+        {f"{prefix}.{i}.{n}": m for n, m in block_layers(block, targets, f"{prefix}.{i}").items() if id(m.weight) not in tied}
         for i, block in enumerate(blocks)
     ]
 

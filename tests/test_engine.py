@@ -65,6 +65,21 @@ def test_target_modules_restricts_pruning(calibration_ids):
     assert changed == {f"model.layers.{i}.{p}.weight" for i in range(2) for p in ("self_attn.q_proj", "mlp.down_proj")}
 
 
+def test_a_regex_over_full_names_picks_blocks(calibration_ids):
+    # PEFT's convention: a regex matching the whole module name selects layers by block.
+    model = tiny_model("llama")
+    before = weights_of(model)
+    config = GBLMConfig(method="wanda", target_modules=[r"model\.layers\.1\.(self_attn|mlp)\.(q|up)_proj"])
+    GBLMPruner(config, show_progress=False).prune(model, calibration_ids)
+    changed = {k for k, v in weights_of(model).items() if not torch.equal(v, before[k])}
+    assert changed == {"model.layers.1.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight"}
+
+
+def test_no_matching_target_names_both_name_forms():
+    with pytest.raises(ValueError, match=r"within a block, model\.layers\.0\.mlp\.down_proj in full"):
+        GBLMPruner(GBLMConfig(method="magnitude", target_modules=["nothing_here"]), show_progress=False).prune(tiny_model("llama"))
+
+
 @pytest.mark.parametrize("method", ["wanda", "gblm"])
 def test_same_seed_same_masks(method, tokenizer, tmp_path):
     from conftest import sample_text
