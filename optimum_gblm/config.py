@@ -112,14 +112,23 @@ def check_number(name: str, value: Any, low: float, high: float, fix: str = "") 
     return float(value)
 
 
-def module_name_list(value: Any, requirement: str) -> list[str] | None:
-    """A list of non-empty module names (one name is a list of one), or None; else ValueError(requirement + value)."""
+def module_name_list(value: Any, requirement: str, label: str) -> list[str] | None:
+    """A list of non-empty module names or regexes (one name is a list of one), or None; else ValueError: the
+    `requirement` with the value, or, for an entry that does not compile, what `label` (the setting) accepts."""
     if value is None:
         return None
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)) or not all(isinstance(name, str) and name for name in value):
         raise ValueError(f"{requirement}, got {value!r}.")
+    for name in value:
+        try:
+            re.compile(name)
+        except re.error as error:
+            raise ValueError(
+                f"{label} entry {name!r} is neither a module name nor a valid regex ({error}); use a name suffix such "
+                f"as 'q_proj' or escape special characters (re.escape)."
+            ) from None
     return list(value)
 
 
@@ -363,16 +372,9 @@ class GBLMConfig(QuantizationConfigMixin):
         if self.target_modules is None:
             return
         self.target_modules = module_name_list(
-            self.target_modules, "target_modules must be a list of module names such as ['q_proj', 'down_proj']"
+            self.target_modules, "target_modules must be a list of module names such as ['q_proj', 'down_proj']",
+            "target_modules",
         )
-        for target in self.target_modules:
-            try:
-                re.compile(target)
-            except re.error as error:
-                raise ValueError(
-                    f"target_modules entry {target!r} is neither a module name nor a valid regex ({error}); use a name "
-                    f"suffix such as 'q_proj' or escape special characters (re.escape)."
-                ) from None
 
     def _validate_names(self) -> None:
         # Names and paths only: objects (datasets, tokenizers) are run-time inputs of prune(), not part of a recipe.

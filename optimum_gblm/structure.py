@@ -60,11 +60,12 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best[1], best[2]
 
 
-def _matches(name: str, targets: list[str] | None, full_name: str | None = None) -> bool:
+def module_matches(name: str, targets: list[str] | None, full_name: str | None = None) -> bool:
+    r"""Whether module `name` is one of `targets` (None: every module). A target is a module-name suffix ("q_proj",
+    "mlp.down_proj") or a regex matching the whole of `name` or of `full_name` (PEFT's convention: with full names,
+    r"model\.layers\.(2[4-7])\..*" picks blocks)."""
     if targets is None:
         return True
-    # A target is a module-name suffix ("q_proj", "mlp.down_proj") or a regex matching the whole name within the
-    # block or the whole module name (PEFT's convention, so r"model\.layers\.(2[4-7])\..*" picks blocks).
     names = (name,) if full_name is None else (name, full_name)
     return any(name == t or name.endswith("." + t) or any(re.fullmatch(t, n) for n in names) for t in targets)
 
@@ -74,7 +75,7 @@ def block_layers(block: nn.Module, targets: list[str] | None = None, prefix: str
     (such as model.layers.3), against which regex targets are matched too."""
     return {
         n: m for n, m in block.named_modules()
-        if isinstance(m, PRUNABLE_TYPES) and _matches(n, targets, f"{prefix}.{n}" if prefix else None)
+        if isinstance(m, PRUNABLE_TYPES) and module_matches(n, targets, f"{prefix}.{n}" if prefix else None)
     }
 
 

@@ -144,11 +144,39 @@ def test_refit_modules_refits_those_layers_only(calibration_ids):
         assert torch.equal(some[key], swept[key]) and not torch.equal(some[key], refit[key]), key
 
 
+@pytest.mark.parametrize("score", ["wanda", "gblm"])
+def test_mask_only_everywhere_is_the_score_method(score):
+    # Two tokens, as in test_without_update_it_is_the_score_method: the two activation means are then at most one
+    # rounding apart, so the masks are equal; with no update at all the weights are the dense ones under the mask.
+    calibration_ids = torch.randint(0, 96, (1, 2), generator=torch.Generator().manual_seed(1))
+    reference = weights_of(pruned(score, calibration_ids, alpha=100.0 if score == "gblm" else None))
+    model = pruned("gblm_obs", calibration_ids, alpha=100.0, score=score, mask_only_modules=[".*"])
+    for name, value in weights_of(model).items():
+        assert torch.equal(value, reference[name]), name
+
+
+def test_mask_only_modules_leave_those_layers_kept_weights_as_they_were(calibration_ids):
+    dense = weights_of(tiny_model("llama"))
+    model = pruned("gblm_obs", calibration_ids, mask_only_modules=[r"model\.layers\.1\..*"])
+    for name, value in weights_of(model).items():
+        if not name.endswith("proj.weight"):
+            continue
+        kept = value != 0
+        if name.startswith("model.layers.1."):  # the score's mask: 50% of every row, the dense weights
+            assert kept.sum(1).tolist() == [value.shape[1] // 2] * value.shape[0], name
+            assert torch.equal(value[kept], dense[name][kept]), f"{name} was updated"
+        else:  # the joint mask: 50% of the layer, updated weights
+            assert kept.sum().item() == value.numel() // 2, name
+            assert not torch.equal(value[kept], dense[name][kept]), f"{name} was not updated"
+
+
 def test_refit_modules_are_module_name_suffixes():
     options = GBLMConfig(method="gblm_obs", method_options={"refit_modules": "down_proj"}).method_settings()
     assert options.refit_modules == ["down_proj"]
     with pytest.raises(ValueError, match="refit_modules must be a list of module-name suffixes"):
         GBLMConfig(method="gblm_obs", method_options={"refit_modules": ["q_proj", ""]})
+    with pytest.raises(ValueError, match=r"gblm_obs mask_only_modules entry '\(' is neither a module name nor a valid regex"):
+        GBLMConfig(method="gblm_obs", method_options={"mask_only_modules": ["("]})
 
 
 def test_a_checkpoint_written_before_refit_steps_existed_loads_without_refit():

@@ -55,7 +55,7 @@ from ..masks import select_mask
 from ..obs import cross_validated_mu, obs_prune
 from ..registry import register_method
 from ..scores import SCORES
-from ..structure import as_matrix, weight_matrix
+from ..structure import as_matrix, module_matches, weight_matrix
 from .base import GradientOptions, PruningMethod, check_blocksize
 
 SELECTIONS = ("score", "joint")
@@ -93,9 +93,15 @@ class GBLMOBSOptions(GradientOptions):
         "steps (0: the sweep's weights, SparseGPT's update)", absent=0,  # checkpoints written before it did not refit
     )
     refit_modules: list[str] | None = setting(
-        None, "refit only these layers (module-name suffixes such as q_proj or mlp.up_proj; default: every pruned "
-        "layer): a step costs d_out x d_in^2, so a wide-input layer such as down_proj costs most", nargs="+",
+        None, "refit only these layers (module-name suffixes such as q_proj or mlp.up_proj, or regexes over the full "
+        "name; default: every pruned layer): a step costs d_out x d_in^2, so a wide-input layer such as down_proj "
+        "costs most", nargs="+",
         absent=None,  # added later; before it, every layer was refitted
+    )
+    mask_only_modules: list[str] | None = setting(
+        None, "these layers keep the score's mask alone, with no update (mu -> inf): module-name suffixes, or regexes "
+        "over the full name such as model\\.layers\\.(2[1-7])\\..* for the last blocks (default: none)", nargs="+",
+        absent=None,  # added later; before it, every layer was updated
     )
     mu_candidates: list[float] = setting([0.03, 0.1, 0.3, 1.0, 3.0], "the mu values mu='auto' chooses among", nargs="+", type=float)
     folds: int = setting(3, "folds of calibration sequences for mu='auto' (K >= 2; at most num_samples)")
@@ -120,9 +126,12 @@ class GBLMOBSOptions(GradientOptions):
         self.damping = check_number("gblm_obs damping", self.damping, 1e-9, 1e6)
         check_int("gblm_obs blocksize", self.blocksize, 1)
         check_int("gblm_obs refit_steps", self.refit_steps, 0)
-        self.refit_modules = module_name_list(
-            self.refit_modules, "gblm_obs refit_modules must be a list of module-name suffixes such as ['q_proj', 'up_proj']"
-        )
+        for option in ("refit_modules", "mask_only_modules"):
+            names = module_name_list(
+                getattr(self, option), f"gblm_obs {option} must be a list of module-name suffixes such as "
+                f"['q_proj', 'up_proj'] or regexes", f"gblm_obs {option}",
+            )
+            setattr(self, option, names)
         if self.update_mu is not None:
             self.update_mu = check_number("gblm_obs update_mu", self.update_mu, 0.0, math.inf)
             if self.mu == "auto":
@@ -210,15 +219,14 @@ class GBLMOBS(PruningMethod):
 
     def refit_steps(self, name: str) -> int:
         """The refit steps of layer `name` (a full module name): refit_steps, or 0 outside refit_modules."""
-        targets = self.options.refit_modules
-        if targets is None or any(name == t or name.endswith("." + t) for t in targets):
-            return self.options.refit_steps
-        return 0
+        return self.options.refit_steps if module_matches(name, self.options.refit_modules) else 0
 
     @torch.no_grad()
     def prune_layer(self, name: str, module: nn.Module, stats: Any, sparsity: float) -> torch.Tensor:
         weight = weight_matrix(module)
         options = self.options
+        if options.mask_only_modules is not None and module_matches(name, options.mask_only_modules):
+            return select_mask(self.importance(name, module, stats), sparsity, self.config.sparsity_pattern)
         mu = options.mu
         refit_steps = self.refit_steps(name)
         # The score's mask is the mask itself (selection="score") or what cross-validation fits around (mu="auto");
