@@ -127,6 +127,13 @@ METHODS = {
     "gblm-obs-wanda-refit5": {
         "method": "gblm_obs", "method_options": {**JOINT, "score": "wanda", "mu": 0.5, "gradient_form": "scale", "refit_steps": 5},
     },
+    # no update in the last quarter of Qwen2.5-1.5B's 28 blocks: there gblm_obs's update (Wanda's score) raised the
+    # Debian handbook's validation ppl +41.8% where Wanda's mask alone raised it +21.1%, and Austen's too
+    # (benchmarks/far_text_blocks.py); in blocks 14-20 the two were level
+    "gblm-obs-by-block-g4-refit5-mask-only-21-27": {
+        "method": "gblm_obs", "alpha": "auto",
+        "method_options": {**BY_BLOCK_G4, "refit_steps": 5, "mask_only_modules": [r"model\.layers\.(2[1-7])\..*"]},
+    },
     # 10 refit steps everywhere but down_proj (refit_modules): at 1.5B its d_in of 8960 makes it ~70% of the refit's
     # cost, and on real layers it gains least from it (held-out error 0.92x the sweep's, gate_proj's 0.84x)
     "gblm-obs-by-block-g4-refit-not-down": {
