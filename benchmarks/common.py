@@ -11,7 +11,10 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import platform
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -179,6 +182,20 @@ def compare_over_seeds(values: dict[Any, float], baseline: dict[Any, float]) -> 
     margin = max(std, base_std)
     verdict = "" if len(mine) < 2 else "better" if base_mean - mean > margin else "worse" if mean - base_mean > margin else ""
     return SeedComparison(len(mine), 100 * (mean / base_mean - 1), verdict)
+
+
+# -- fresh processes -----------------------------------------------------------------------------------------
+def run_worker(script: str | Path, *argv: str, what: Any = None) -> Any:
+    """Run `script` with `argv` in a fresh Python process and return the JSON on the last line of its stdout.
+
+    One row per process keeps one row's peak memory and allocator state out of the next, and holds one copy of the
+    model only. A failed row stops the run with the tail of its stderr, named by `what`.
+    """
+    command = [sys.executable, str(script), *map(str, argv)]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if done.returncode:
+        raise SystemExit(f"{what if what is not None else command} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # -- result files ---------------------------------------------------------------------------------------------

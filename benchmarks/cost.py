@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -114,14 +111,11 @@ def main() -> None:
                 key = (model_label, label, pattern, num_samples, args.seqlen)
                 if any((r["model"], r["method"], r["pattern"], r["num_samples"], r["seqlen"]) == key for r in rows):
                     continue
-                command = [sys.executable, __file__, "--worker", label, pattern, str(num_samples), "--seqlen", str(args.seqlen)]
+                argv = ["--worker", label, pattern, num_samples, "--seqlen", args.seqlen]
                 if args.model:
-                    command += ["--model", args.model] + (["--gguf-file", args.gguf_file] if args.gguf_file else [])
-                done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-                if done.returncode:
-                    raise SystemExit(f"{key} failed:\n{done.stderr[-3000:]}")
+                    argv += ["--model", args.model] + (["--gguf-file", args.gguf_file] if args.gguf_file else [])
                 row = {"model": model_label, "method": label, "pattern": pattern, "num_samples": num_samples,
-                       "seqlen": args.seqlen, **json.loads(done.stdout.strip().splitlines()[-1])}
+                       "seqlen": args.seqlen, **common.run_worker(__file__, *argv, what=key)}
                 rows.append(row)
                 common.write_json(results_path, {"rows": rows})
                 common.atomic_write_text(args.output, "\n".join(report(rows)) + "\n")

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -91,11 +89,8 @@ def main() -> None:
     for label, blocks, first, last in todo:
         if any((r["method"], r["blocks"]) == (label, blocks) for r in rows):
             continue
-        command = [sys.executable, __file__, *sys.argv[1:], "--worker", label, str(first), str(last)]
-        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-        if done.returncode:
-            raise SystemExit(f"{(label, blocks)} failed:\n{done.stderr[-3000:]}")
-        rows.append({"method": label, "blocks": blocks, "ppl": json.loads(done.stdout.strip().splitlines()[-1])})
+        ppl = common.run_worker(__file__, *sys.argv[1:], "--worker", label, first, last, what=(label, blocks))
+        rows.append({"method": label, "blocks": blocks, "ppl": ppl})
         common.write_json(results_path, {"settings": settings, "rows": rows})
         common.atomic_write_text(args.output, "\n".join(report(args, rows)) + "\n")
         print(report(args, rows)[-1], flush=True)

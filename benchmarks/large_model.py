@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -113,11 +112,10 @@ def main() -> None:
     for label, pattern, seed in todo:
         if any((r["method"], r["pattern"], r["seed"]) == (label, pattern, seed) for r in rows):
             continue
-        command = [sys.executable, __file__, *sys.argv[1:], "--worker", label, pattern, str(0 if seed == "-" else seed)]
-        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-        if done.returncode:
-            raise SystemExit(f"{(label, pattern, seed)} failed:\n{done.stderr[-3000:]}")
-        rows.append({"method": label, "pattern": pattern, "seed": seed, **json.loads(done.stdout.strip().splitlines()[-1])})
+        result = common.run_worker(
+            __file__, *sys.argv[1:], "--worker", label, pattern, 0 if seed == "-" else seed, what=(label, pattern, seed)
+        )
+        rows.append({"method": label, "pattern": pattern, "seed": seed, **result})
         common.write_json(results_path, {"settings": settings, "rows": rows})
         common.atomic_write_text(args.output, "\n".join(report(args, rows)) + "\n")
         print(report(args, rows[-1:])[TABLE_START], flush=True)

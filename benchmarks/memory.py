@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import subprocess
-import sys
 import time
 
 import common
@@ -107,12 +104,10 @@ def main() -> None:
     for index in common.comma_list(args.sizes, int):
         result = {}
         for stage in ("activations", "gradients", "layerwise"):
-            out = subprocess.run(
-                [sys.executable, __file__, "--worker", str(index), stage, "--seqlen", str(args.seqlen),
-                 "--gradient-samples", str(args.gradient_samples), "--layerwise-samples", str(args.layerwise_samples)],
-                check=True, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"},
+            result[stage] = common.run_worker(
+                __file__, "--worker", index, stage, "--seqlen", args.seqlen, "--gradient-samples",
+                args.gradient_samples, "--layerwise-samples", args.layerwise_samples, what=(names[index], stage),
             )
-            result[stage] = json.loads(out.stdout.strip().splitlines()[-1])
             print(names[index], stage, result[stage], flush=True)
         rows.append(result)
 

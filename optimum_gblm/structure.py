@@ -84,10 +84,10 @@ def prunable_modules(model: nn.Module, targets: list[str] | None = None) -> dict
     modules = {name: module for layers in layers_by_block(model, targets) for name, module in layers.items()}
     if not modules:
         prefix, blocks = find_decoder_blocks(model)
+        names = sorted(block_layers(blocks[0]))
         raise ValueError(
             f"no prunable layer matched target_modules={targets!r} inside {prefix}; names look like "
-            f"{sorted(block_layers(blocks[0]))[:6]} within a block, {prefix}.0.{min(block_layers(blocks[0]), default='')} "
-            f"in full."
+            f"{names[:6]} within a block, {prefix}.0.{names[0] if names else ''} in full."
         )
     return modules
 

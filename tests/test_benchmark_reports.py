@@ -109,6 +109,20 @@ def test_a_failed_write_keeps_the_previous_file_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["deep", "plot.png"]
 
 
+def test_a_worker_row_is_the_json_on_its_last_line_and_a_failure_names_the_row(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "if sys.argv[1] == 'fail':\n"
+        "    sys.exit('no such layer')\n"
+        "print('a log line')\n"
+        "print(json.dumps({'args': sys.argv[1:], 'tqdm': os.environ['TQDM_DISABLE']}))\n"
+    )
+    assert common.run_worker(script, "ok", 3) == {"args": ["ok", "3"], "tqdm": "1"}
+    with pytest.raises(SystemExit, match=r"\('wanda', 7\) failed:\nno such layer"):
+        common.run_worker(script, "fail", what=("wanda", 7))
+
+
 def test_the_seed_spread_rule():
     # Wanda mean 102, std 2 (seeds 0..2); a claim needs the means to differ by more than the larger std.
     wanda = {0: 100.0, 1: 102.0, 2: 104.0}

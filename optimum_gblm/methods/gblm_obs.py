@@ -29,6 +29,10 @@ seeded sample of `cv_rows` output rows.
 update_mu, when set, re-fits the kept weights on the chosen mask with that mu instead (attribution: the joint mask
 with SparseGPT's update is update_mu=0).
 
+mask_only_modules names layers that keep the score's mask with no update at all (mu -> inf for those layers only):
+at 1.5B the update of the last blocks, fitted on the calibration text, is what loses text far from it
+(docs/scaling.md).
+
 How the defaults (mu 0.5, the scale form, the refit) were chosen, and what each choice measured:
 docs/methods.md#gblm_obs and docs/results.md#gblm_obs.
 """
@@ -225,6 +229,7 @@ class GBLMOBS(PruningMethod):
     def prune_layer(self, name: str, module: nn.Module, stats: Any, sparsity: float) -> torch.Tensor:
         weight = weight_matrix(module)
         options = self.options
+        # module_matches(name, None) is True (no targets: every module), but no mask_only_modules means none
         if options.mask_only_modules is not None and module_matches(name, options.mask_only_modules):
             return select_mask(self.importance(name, module, stats), sparsity, self.config.sparsity_pattern)
         mu = options.mu
