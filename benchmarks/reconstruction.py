@@ -127,6 +127,11 @@ METHODS = {
     "gblm-obs-wanda-refit5": {
         "method": "gblm_obs", "method_options": {**JOINT, "score": "wanda", "mu": 0.5, "gradient_form": "scale", "refit_steps": 5},
     },
+    # Wanda's own mask, then gblm_obs's update on it (selection="score"): with gblm-obs-wanda-refit5 (the mask chosen
+    # with the update) it tells whether the far text is lost to the update or to the mask the update chooses
+    "wanda-mask-obs-update-refit5": {
+        "method": "gblm_obs", "method_options": {**SCORE, "score": "wanda", "mu": 0.5, "refit_steps": 5},
+    },
     # no update in the last quarter of Qwen2.5-1.5B's 28 blocks: there gblm_obs's update (Wanda's score) raised the
     # Debian handbook's validation ppl +41.8% where Wanda's mask alone raised it +21.1%, and Austen's too
     # (benchmarks/far_text_blocks.py); in blocks 14-20 the two were level
