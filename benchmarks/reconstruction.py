@@ -132,6 +132,10 @@ METHODS = {
     "wanda-mask-obs-update-refit5": {
         "method": "gblm_obs", "method_options": {**SCORE, "score": "wanda", "mu": 0.5, "refit_steps": 5},
     },
+    # the refit5 recipe with GBLM's own mask (selection="score") instead of the mask chosen with the update
+    "gblm-obs-by-block-g4-score-refit5": {
+        "method": "gblm_obs", "alpha": "auto", "method_options": {**BY_BLOCK_G4, "selection": "score", "refit_steps": 5},
+    },
     # no update in the last quarter of Qwen2.5-1.5B's 28 blocks: there gblm_obs's update (Wanda's score) raised the
     # Debian handbook's validation ppl +41.8% where Wanda's mask alone raised it +21.1%, and Austen's too
     # (benchmarks/far_text_blocks.py); in blocks 14-20 the two were level
