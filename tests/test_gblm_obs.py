@@ -170,6 +170,30 @@ def test_mask_only_modules_leave_those_layers_kept_weights_as_they_were(calibrat
             assert not torch.equal(value[kept], dense[name][kept]), f"{name} was not updated"
 
 
+def test_score_mask_everywhere_is_selection_score(calibration_ids):
+    reference = weights_of(pruned("gblm_obs", calibration_ids, selection="score", refit_steps=3))
+    model = pruned("gblm_obs", calibration_ids, score_mask_modules=[".*"], refit_steps=3)
+    for name, value in weights_of(model).items():
+        assert torch.equal(value, reference[name]), name
+
+
+def test_score_mask_modules_take_the_score_mask_and_update_it(calibration_ids):
+    dense = weights_of(tiny_model("llama"))
+    model = pruned("gblm_obs", calibration_ids, score_mask_modules=[r"model\.layers\.1\..*"],
+                   mask_only_modules=["model.layers.1.mlp.down_proj"])
+    for name, value in weights_of(model).items():
+        if not name.endswith("proj.weight"):
+            continue
+        kept = value != 0
+        if name.startswith("model.layers.1."):  # the score's mask: 50% of every row
+            assert kept.sum(1).tolist() == [value.shape[1] // 2] * value.shape[0], name
+            updated = not torch.equal(value[kept], dense[name][kept])
+            assert updated == (name != "model.layers.1.mlp.down_proj.weight"), f"{name}: mask_only_modules wins"
+        else:  # the joint mask: 50% of the layer, not of every row
+            assert kept.sum().item() == value.numel() // 2, name
+            assert kept.sum(1).tolist() != [value.shape[1] // 2] * value.shape[0], name
+
+
 def test_refit_modules_are_module_name_suffixes():
     options = GBLMConfig(method="gblm_obs", method_options={"refit_modules": "down_proj"}).method_settings()
     assert options.refit_modules == ["down_proj"]
