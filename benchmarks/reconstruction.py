@@ -129,7 +129,7 @@ METHODS = {
     },
     # Wanda's own mask, then gblm_obs's update on it (selection="score"): with gblm-obs-wanda-refit5 (the mask chosen
     # with the update) it tells whether the far text is lost to the update or to the mask the update chooses
-    "wanda-mask-obs-update-refit5": {
+    "gblm-obs-wanda-score-refit5": {
         "method": "gblm_obs", "method_options": {**SCORE, "score": "wanda", "mu": 0.5, "refit_steps": 5},
     },
     # the refit5 recipe with GBLM's own mask (selection="score") instead of the mask chosen with the update
