@@ -185,7 +185,7 @@ def compare_over_seeds(values: dict[Any, float], baseline: dict[Any, float]) -> 
 
 
 # -- fresh processes -----------------------------------------------------------------------------------------
-def run_worker(script: str | Path, *argv: str, what: Any = None) -> Any:
+def run_worker(script: str | Path, *argv: object, what: Any = None) -> Any:
     """Run `script` with `argv` in a fresh Python process and return the JSON on the last line of its stdout.
 
     One row per process keeps one row's peak memory and allocator state out of the next, and holds one copy of the

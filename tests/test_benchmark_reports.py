@@ -109,7 +109,8 @@ def test_a_failed_write_keeps_the_previous_file_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["deep", "plot.png"]
 
 
-def test_a_worker_row_is_the_json_on_its_last_line_and_a_failure_names_the_row(tmp_path):
+def test_a_worker_row_is_the_json_on_its_last_line_and_a_failure_names_the_row(tmp_path, monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "0")  # the worker must get "1" whatever the caller's environment says
     script = tmp_path / "worker.py"
     script.write_text(
         "import json, os, sys\n"

@@ -77,7 +77,10 @@ class GBLMOBSOptions(GradientOptions):
     # every measurement of this method (docs/results.md#gblm_obs) matched the gradient term's scale per layer
     default_alpha: ClassVar[float | str] = "auto"
 
-    score: str = setting("gblm", "score that chooses the mask: gblm, wanda, magnitude, ... (selection=score)")
+    score: str = setting(
+        "gblm", "score that chooses the mask: gblm, wanda, magnitude, ... (selection=score, score_mask_modules, "
+        "mask_only_modules, mu=auto)",
+    )
     selection: str = setting(
         "joint", "'joint': mask chosen with the update on H_mu, gradient term in the saliency; 'score': the score's mask",
         choices=SELECTIONS,
