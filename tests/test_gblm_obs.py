@@ -203,6 +203,17 @@ def test_refit_modules_are_module_name_suffixes():
         GBLMConfig(method="gblm_obs", method_options={"mask_only_modules": ["("]})
 
 
+def test_no_opt_in_list_names_no_layer_while_no_refit_list_names_every_layer():
+    from optimum_gblm.methods.gblm_obs import GBLMOBS, listed
+
+    name = "model.layers.3.mlp.down_proj"
+    assert not listed(name, None)
+    assert listed(name, ["down_proj"]) and not listed(name, ["up_proj"])
+    assert listed(name, [r"model\.layers\.[0-3]\..*"]) and not listed(name, [r"model\.layers\.[4-7]\..*"])
+    method = GBLMOBS(GBLMConfig(method="gblm_obs", method_options={"refit_steps": 2}))
+    assert method.refit_steps(name) == 2 and method.selection(name) == "joint"
+
+
 def test_a_checkpoint_written_before_refit_steps_existed_loads_without_refit():
     # written with the gradient factor and update_mu, before refit_steps: it keeps its factor and does not refit
     config = GBLMConfig(method="gblm_obs", method_options={"mu": 1.0, "refit_steps": 0})

@@ -68,6 +68,12 @@ SELECTIONS = ("score", "joint")
 GRADIENT_FORMS = ("scale", "bonus")
 
 
+def listed(name: str, modules: list[str] | None) -> bool:
+    """Whether layer `name` is one of `modules`, where None lists none (module_matches reads None as every module,
+    which is right for refit_modules but not for the opt-in mask_only_modules / score_mask_modules)."""
+    return modules is not None and module_matches(name, modules)
+
+
 def _parse_mu(value: Any) -> float | str:
     return parse_auto_or_number(value, "gblm_obs mu")
 
@@ -238,7 +244,7 @@ class GBLMOBS(PruningMethod):
     def selection(self, name: str) -> str:
         """How layer `name` (a full module name) chooses its mask: "score" in score_mask_modules, else `selection`."""
         options = self.options
-        if options.score_mask_modules is not None and module_matches(name, options.score_mask_modules):
+        if listed(name, options.score_mask_modules):
             return "score"
         return options.selection
 
@@ -246,8 +252,7 @@ class GBLMOBS(PruningMethod):
     def prune_layer(self, name: str, module: nn.Module, stats: Any, sparsity: float) -> torch.Tensor:
         weight = weight_matrix(module)
         options = self.options
-        # module_matches(name, None) is True (no targets: every module), but no mask_only_modules means none
-        if options.mask_only_modules is not None and module_matches(name, options.mask_only_modules):
+        if listed(name, options.mask_only_modules):
             return select_mask(self.importance(name, module, stats), sparsity, self.config.sparsity_pattern)
         mu = options.mu
         refit_steps = self.refit_steps(name)
