@@ -5,6 +5,7 @@ import torch
 from conftest import tiny_model, weights_of
 
 from optimum_gblm import GBLMConfig, GBLMPruner
+from optimum_gblm.methods.gblm_obs import GBLMOBS, listed
 from optimum_gblm.structure import prunable_modules, weight_matrix
 
 
@@ -204,8 +205,6 @@ def test_refit_modules_are_module_name_suffixes():
 
 
 def test_no_opt_in_list_names_no_layer_while_no_refit_list_names_every_layer():
-    from optimum_gblm.methods.gblm_obs import GBLMOBS, listed
-
     name = "model.layers.3.mlp.down_proj"
     assert not listed(name, None)
     assert listed(name, ["down_proj"]) and not listed(name, ["up_proj"])
